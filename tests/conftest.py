@@ -1,0 +1,96 @@
+"""Shared fixtures: a tiny byte-level tokenizer with a ChatML template and tiny random models.
+
+Everything here is built in-process; no test downloads weights or data.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "positive negative neutral review book good bad great terrible",
+    "这本书很好，我很喜欢。质量太差了，很失望。",
+    "Translate to French: hello world. Bonjour le monde.",
+    "What is two plus two? Two plus two is four.",
+] * 20
+
+
+def build_tiny_tokenizer():
+    """A 300-token byte-level BPE tokenizer with ChatML specials (pad = eos = <|im_end|>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
+    """A 2-layer Llama with hidden size 32: fast enough for many training steps in a test."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    return model.to(torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny Llama + tokenizer as a plain HF directory (what `model.name: DIR` loads)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = build_tiny_llama(len(tiny_tokenizer))
+    model.config.eos_token_id = tiny_tokenizer.eos_token_id
+    model.config.pad_token_id = tiny_tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tiny_tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tiny_tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
