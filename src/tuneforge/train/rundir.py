@@ -1,0 +1,96 @@
+"""The run directory: resolved config, manifest, metrics stream, summary and the saved artifact.
+
+Layout: config.yaml, manifest.json, metrics.jsonl, summary.json, adapter/ or model/, tokenizer/.
+summary.json is written last, so a run without it did not finish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tuneforge.paths import write_json_atomic, write_text_atomic
+
+PACKAGES = ("tuneforge", "torch", "transformers", "peft", "accelerate", "tokenizers")
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used (not empty, or not a tuneforge run)."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+class RunDir:
+    """Writes the files of one run. Only the main process should create one."""
+
+    def __init__(self, path: str | Path, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and any(self.path.iterdir()) and not overwrite:
+            raise RunDirError(
+                f"output.dir: {self.path} is not empty; choose another output.dir or set output.overwrite=true"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "summary.json").unlink(missing_ok=True)
+        (self.path / "metrics.jsonl").unlink(missing_ok=True)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_text_atomic(
+            self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+        )
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        write_json_atomic(self.path / "manifest.json", {"versions": versions(), **manifest})
+
+    def log(self, record: dict[str, Any]) -> None:
+        with (self.path / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, ensure_ascii=False, default=float) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(self.path / "summary.json", summary)
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / "tokenizer"
+
+
+def read_run(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config, manifest) of a finished run directory."""
+    path = Path(path)
+    if not (path / "config.yaml").is_file() or not (path / "manifest.json").is_file():
+        raise RunDirError(
+            f"{path}: not a tuneforge run directory (config.yaml / manifest.json missing)"
+        )
+    config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    return config, manifest
