@@ -106,8 +106,13 @@ def train_loop(
     on_step: Callable[[torch.nn.Module, int], None] | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     on_eval: Callable[[int], bool] | None = None,
+    penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None,
 ) -> LoopResult:
-    """Run `settings.total_steps` optimizer steps. `on_eval(step)` returns True to stop early."""
+    """Run `settings.total_steps` optimizer steps. `on_eval(step)` returns True to stop early.
+
+    `penalty(model)` (e.g. an L1 term from the method or regulariser) is added to the objective
+    once per optimizer step; it is not part of the logged loss.
+    """
     result = LoopResult()
     source = micro_batch_indices(
         len(examples),
