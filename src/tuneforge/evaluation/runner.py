@@ -60,23 +60,74 @@ def loss_metrics(
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
 
 
+def _split_prompt(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids): the answer is the labelled tail of the last assistant turn."""
+    first = next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
+    last = max(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
+    return ids[:first], ids[first : last + 1]
+
+
+@torch.no_grad()
+def _score_answers(
+    model, prompts: list[list[int]], answers: list[list[int]], pad_id: int
+) -> torch.Tensor:
+    """Log-likelihood [batch, n_answers] of each answer after each prompt, the prompt run once.
+
+    Prompts are left-padded with explicit position ids, so each row sees the same positions as
+    in training; every answer then continues from a copy of the prompt's KV cache.
+    """
+    import copy
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    scores = torch.empty(len(prompts), len(answers))
+    for j, answer in enumerate(answers):
+        score = first[:, answer[0]].clone()
+        if len(answer) > 1:
+            cont = torch.tensor(answer[:-1]).expand(len(prompts), -1)
+            cont_mask = torch.cat([mask, torch.ones_like(cont)], dim=1)
+            cont_pos = positions[:, -1:] + torch.arange(1, len(answer)).unsqueeze(0)
+            step = model(
+                input_ids=cont,
+                attention_mask=cont_mask,
+                position_ids=cont_pos,
+                cache=copy.deepcopy(out.cache),
+                use_cache=True,
+            )
+            logp = torch.log_softmax(step.logits.float(), dim=-1)
+            targets = torch.tensor(answer[1:]).expand(len(prompts), -1)
+            score += logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(-1)
+        scores[:, j] = score
+    return scores
+
+
 def label_predictions(
     model, tokenizer, examples: list[Example], labels: list[str], batch_size: int = 8
 ) -> list[str]:
     """The most likely label for each example (summed token log-probabilities of the answer)."""
-    items = [
-        TokenizedExample(*render(tokenizer, _with_answer(ex, label)), source=ex.source)
-        for ex in examples
-        for label in labels
-    ]
-    scores: list[float] = []
-    for batch in _batches(items, batch_size * len(labels), tokenizer.pad_token_id):
-        logp, _ = sequence_logprobs(model, batch)
-        scores.extend(logp.tolist())
-    preds = []
-    for i in range(len(examples)):
-        row = scores[i * len(labels) : (i + 1) * len(labels)]
-        preds.append(labels[max(range(len(labels)), key=row.__getitem__)])
+    prompts, answers = [], None
+    for ex in examples:
+        split = [_split_prompt(*render(tokenizer, _with_answer(ex, label))) for label in labels]
+        if len({tuple(p) for p, _ in split}) != 1:
+            raise ValueError(
+                f"{ex.source}: the chat template renders the prompt differently per label"
+            )
+        prompts.append(split[0][0])
+        tails = [a for _, a in split]
+        if answers is not None and tails != answers:
+            raise ValueError(f"{ex.source}: labels tokenise differently after this prompt")
+        answers = tails
+    preds: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        scores = _score_answers(model, prompts[i : i + batch_size], answers, tokenizer.pad_token_id)
+        preds.extend(labels[j] for j in scores.argmax(-1).tolist())
     return preds
 
 
