@@ -19,31 +19,47 @@ _REGISTRY: dict[str, type[Method]] = {}
 class Method:
     """A fine-tuning method: wraps a base model and says how its result is saved.
 
-    Subclasses set `name` and `Options`, and override the hooks they need. The loop calls
-    `apply` once, `param_groups` once, and `on_step` after each optimizer step (before
-    `zero_grad`).
+    Subclasses set `name` and `Options`, and override the hooks they need. The recipe calls
+    `plan` (the run length) and `apply` once, `param_groups` once, and the loop calls `on_step`
+    after each optimizer step (before `zero_grad`).
     """
 
     name: ClassVar[str]
     Options: ClassVar[type[MethodSection]]
     #: "adapter" saves PEFT files under run/adapter/; "model" saves a full HF model under run/model/.
     artifact: ClassVar[str] = "adapter"
+    #: True where the saved adapter folds into the base weights (peft `merge_and_unload`).
+    mergeable: ClassVar[bool] = False
 
     def __init__(self, options: MethodSection) -> None:
         self.options = options
+        self.total_steps: int | None = None
+
+    def plan(self, total_steps: int) -> None:
+        """Called once before `apply` with the run's optimizer-step count (AdaLoRA's schedule)."""
+        self.total_steps = total_steps
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         raise NotImplementedError
 
-    def param_groups(
-        self, model: torch.nn.Module, lr: float, weight_decay: float
-    ) -> list[dict[str, Any]]:
-        from tuneforge.train.optim import default_param_groups
+    def lr_scale(self, param_name: str) -> float:
+        """Multiplier on a trainable parameter's layer-wise rate (LoRA+ raises the B matrices)."""
+        return 1.0
 
-        return default_param_groups(model, lr, weight_decay)
+    def param_groups(
+        self, model: torch.nn.Module, lr: float, weight_decay: float, rules: Any = None
+    ) -> list[dict[str, Any]]:
+        """Optimizer groups: `rules` (train.optim.LrRules) set layer-wise and per-pattern rates."""
+        from tuneforge.train.optim import build_param_groups
+
+        return build_param_groups(model, lr, weight_decay, rules, scale=self.lr_scale)
 
     def on_step(self, model: torch.nn.Module, step: int) -> None:
         """Per-step work after `optimizer.step()` and before `zero_grad()` (e.g. AdaLoRA ranks)."""
+
+    def for_inference(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model as evaluation and generation should call it (default: itself)."""
+        return model
 
     def save(self, model: torch.nn.Module, path: str) -> None:
         model.save_pretrained(path, safe_serialization=True)
