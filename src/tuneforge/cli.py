@@ -22,7 +22,7 @@ log = logging.getLogger("tuneforge")
 
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if not verbose else logging.DEBUG, format="%(message)s")
-    for noisy in ("transformers", "accelerate", "peft", "jieba"):
+    for noisy in ("transformers", "accelerate", "peft", "jieba", "absl"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
@@ -33,10 +33,28 @@ def _setup_logging(verbose: bool = False) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from tuneforge.config import load_config
 
-    cfg = load_config(args.config, args.overrides)  # fails before anything heavy is imported
+    resume, overrides = args.resume, list(args.overrides)
+    if resume is not None and "=" in resume and not Path(resume).exists():
+        resume, overrides = "auto", [*overrides, resume]  # `--resume key=value`: argparse took it
+    cfg = load_config(args.config, overrides)  # fails before anything heavy is imported
     from tuneforge.recipe import run_training
+    from tuneforge.train.guards import interrupt_exit_code
 
-    outcome = run_training(cfg, show_progress=not args.quiet)
+    outcome = run_training(
+        cfg,
+        show_progress=not args.quiet,
+        resume=resume,
+        allow_config_change=args.allow_config_change,
+    )
+    if outcome.interrupted:
+        code = interrupt_exit_code(outcome.interrupted)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(
+                f"\ninterrupted (exit {code}); checkpoint: {outcome.checkpoint}\n"
+                f"continue with: tuneforge train {args.config} ... --resume auto",
+                file=sys.stderr,
+            )
+        return code
     s = outcome.summary
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"\nrun dir: {outcome.run_dir}")
@@ -90,20 +108,47 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from tuneforge.config import EVAL_METRICS, ConfigError
     from tuneforge.evaluation.report import compare_table, evaluate_reference
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in EVAL_METRICS]
+    if unknown or not metrics:
+        raise ConfigError(
+            f"--metrics: unknown {', '.join(unknown) or '(none given)'}; "
+            f"allowed: {', '.join(EVAL_METRICS)}"
+        )
+    gen = {"max_new_tokens": args.max_new_tokens, "lang": args.lang, "zh_mode": args.zh_rouge}
     rows = {}
     if args.compare:
         rows[f"base ({args.compare})"] = evaluate_reference(
-            args.compare, args.data, metrics, args.batch_size, args.limit
+            args.compare, args.data, metrics, args.batch_size, args.limit, **gen
         )
     rows[str(args.model)] = evaluate_reference(
-        args.model, args.data, metrics, args.batch_size, args.limit
+        args.model, args.data, metrics, args.batch_size, args.limit, **gen
     )
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
     print(compare_table(rows))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tuneforge.evaluation.htmlreport import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from tuneforge.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from tuneforge.evaluation.cv import format_cv_table, run_cross_validation
+
+    result = run_cross_validation(cfg, args.folds, show_progress=not args.quiet)
+    print(format_cv_table(result))
+    print(f"per-fold table and mean ± std: {Path(cfg.output.dir) / 'cv.json'}")
     return 0
 
 
@@ -142,6 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=1e-4")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="auto|PATH",
+        help="continue from the newest complete checkpoint in output.dir (auto) or a named one "
+        "(step-000120 or its path); exit 2 if none is usable",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though the base model, data, max_length, batch size, method, seed or "
+        "schedule changed (the result then differs from an uninterrupted run)",
+    )
     p.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="inspect or prepare data").add_subparsers(
@@ -164,12 +223,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run dir or base model on a data file")
     p.add_argument("--model", required=True, help="run dir, HF dir, .gguf or built-in name")
     p.add_argument("--data", required=True)
-    p.add_argument("--metrics", default="loss,accuracy")
+    p.add_argument(
+        "--metrics",
+        default="loss,accuracy",
+        help="comma-separated: loss, perplexity, accuracy, macro_f1 (label log-likelihood), "
+        "bleu, chrf, rouge, exact_match (greedy generation)",
+    )
     p.add_argument("--compare", help="a base model to put beside it, with deltas")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, help="evaluate the first N rows only")
     p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="for generation metrics")
+    p.add_argument("--lang", choices=["auto", "zh", "en"], default="auto")
+    p.add_argument("--zh-rouge", choices=["word", "char"], default="word")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="(re)write report.html and plots/ of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("cv", help="k-fold cross-validation: K runs, mean ± std of every metric")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    p.add_argument("--folds", type=int, default=5, help="number of folds K (default 5)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("generate", help="generate with a run's chat template")
     p.add_argument("--model", required=True)
@@ -182,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tuneforge.evaluation.score import add_score_parser
 
     add_score_parser(sub)
+    from tuneforge.compare import add_compare_parser
+
+    add_compare_parser(sub)
 
     p = sub.add_parser(
         "config", help="print every config key with its default and doc, or a resolved config"
@@ -199,11 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     from tuneforge.data.formats import DataError
     from tuneforge.models import ModelError
     from tuneforge.paths import UnsafePathError
+    from tuneforge.train.checkpoint import CheckpointError
+    from tuneforge.train.guards import NonFiniteError
     from tuneforge.train.rundir import RunDirError
 
     try:
         return int(args.func(args) or 0)
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     except (
+        CheckpointError,
         ConfigError,
         DataError,
         ModelError,

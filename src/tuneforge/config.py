@@ -28,6 +28,26 @@ class ConfigError(ValueError):
     """A config problem, reported as one `key.path: reason` line per problem."""
 
 
+# eval.metrics names; the generation ones score greedy answers (eval.generate: true).
+LOSS_METRICS = ("loss", "perplexity")
+LABEL_METRICS = ("accuracy", "macro_f1")
+GENERATION_METRICS = ("bleu", "chrf", "rouge", "exact_match")
+EVAL_METRICS = LOSS_METRICS + LABEL_METRICS + GENERATION_METRICS
+
+
+def eval_metric_keys(metrics: list[str]) -> list[str]:
+    """The eval_* keys an evaluation logs for these eval.metrics (loss is always computed)."""
+    keys = ["eval_loss", "eval_perplexity"]
+    for name in metrics:
+        if name in LABEL_METRICS:
+            keys += ["eval_accuracy", "eval_macro_f1"]
+        elif name == "rouge":
+            keys += ["eval_rouge1", "eval_rouge2", "eval_rougeL"]
+        elif name in GENERATION_METRICS:
+            keys.append(f"eval_{name}")
+    return list(dict.fromkeys(keys))
+
+
 class Section(BaseModel):
     """Base for config sections: unknown keys are errors, values are checked on assignment."""
 
@@ -51,6 +71,13 @@ class ModelSection(Section):
         False, description="Recompute activations in backward to save memory."
     )
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+    dropout: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="Override every dropout rate of the architecture (attention, hidden, "
+        "embedding) where it has one; null keeps the checkpoint's own.",
+    )
 
 
 class DataSection(Section):
@@ -78,6 +105,16 @@ class DataSection(Section):
         "fail",
         description="fail: stop before training and list bad rows; skip: drop and count them.",
     )
+    packing: bool = Field(
+        True,
+        description="Pack each micro-batch's examples into one pad-free row, kept apart in "
+        "attention (same loss as padding); off by itself for prompt-learning methods.",
+    )
+    group_by_length: bool = Field(
+        False,
+        description="Without packing: sort runs of 64 micro-batches by example length, so "
+        "that each batch pads little.",
+    )
 
     @field_validator("validation")
     @classmethod
@@ -96,6 +133,27 @@ class EarlyStoppingSection(Section):
     )
 
 
+class LrGroupSection(Section):
+    pattern: str = Field(
+        description="Regular expression searched in parameter names, e.g. 'embed' or 'layers\\.0\\.'."
+    )
+    lr: float = Field(gt=0, description="Peak learning rate of the matching parameters.")
+    weight_decay: float | None = Field(
+        None, ge=0.0, description="Weight decay of the group; null: train.weight_decay."
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        import re
+
+        try:
+            re.compile(v)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression: {err}") from None
+        return v
+
+
 class TrainSection(Section):
     epochs: float = Field(
         1, gt=0, description="Passes over the training set (ignored when max_steps is set)."
@@ -106,8 +164,49 @@ class TrainSection(Section):
     batch_size: int = Field(8, gt=0, description="Examples per micro-batch per process.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     lr: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
-    scheduler: Literal["constant", "linear", "cosine"] = Field(
+    scheduler: Literal["constant", "linear", "cosine", "cosine_with_min_lr", "polynomial"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
+    )
+    min_lr_ratio: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Final rate of cosine_with_min_lr and polynomial, as a fraction of the peak.",
+    )
+    poly_power: float = Field(1.0, gt=0, description="Exponent of the polynomial schedule.")
+    layer_lr_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1.0,
+        description="Layer-wise rates: block i trains at lr * decay^(distance from the end "
+        "chosen by layer_lr_direction); 1.0 disables.",
+    )
+    layer_lr_direction: Literal["shallow_smaller", "deep_smaller"] = Field(
+        "shallow_smaller",
+        description="shallow_smaller: layers near the input get the smaller rates (LLRD, "
+        "ULMFiT); deep_smaller: layers near the output do.",
+    )
+    lr_groups: list[LrGroupSection] = Field(
+        default_factory=list,
+        description="Per-pattern rates [{pattern, lr, weight_decay}]; the first match wins over "
+        "every other rate rule.",
+    )
+    embedding_lr: float | None = Field(
+        None, gt=0, description="Rate of the input embeddings; null: the layer-wise rate."
+    )
+    head_lr: float | None = Field(
+        None, gt=0, description="Rate of the output head (lm_head); null: the layer-wise rate."
+    )
+    l1: float = Field(
+        0.0,
+        ge=0.0,
+        description="L1 penalty: l1 * sum|w| over trainable weights (norms and biases excluded).",
+    )
+    neftune_alpha: float | None = Field(
+        None,
+        gt=0,
+        description="NEFTune: uniform noise of scale alpha/sqrt(len*dim) on input embeddings "
+        "while training (5 is typical); null: off.",
     )
     warmup_steps: int = Field(
         0, ge=0, description="Linear warmup steps (wins over warmup_ratio when > 0)."
@@ -125,6 +224,33 @@ class TrainSection(Section):
     )
     seed: int = Field(0, description="Seed for weights init, data order and dropout.")
     log_every_steps: int = Field(1, gt=0, description="Write a metrics.jsonl line every N steps.")
+    on_nonfinite: Literal["halt", "skip"] = Field(
+        "halt",
+        description="Non-finite loss or gradient: halt (exit 3 naming the step and rows) or skip "
+        "the step's update; always logged.",
+    )
+    max_bad_steps: int = Field(
+        3, ge=1, description="With on_nonfinite: skip, halt after this many bad steps in a row."
+    )
+    trace_rows: bool = Field(
+        False,
+        description="Log every step with its rows (file:line) in metrics.jsonl, to audit data order.",
+    )
+    loss_chunk_tokens: int = Field(
+        512,
+        gt=0,
+        description="Labelled positions per chunk of output logits in the loss (memory vs. "
+        "matmul size); logits of unlabelled positions are never computed.",
+    )
+    compile: bool = Field(
+        False, description="torch.compile each decoder block (slow to start; measure first)."
+    )
+    num_threads: int | None = Field(
+        None,
+        gt=0,
+        description="CPU threads for torch; null: OMP_NUM_THREADS if set, else the cores "
+        "available divided among this machine's processes.",
+    )
 
 
 class EvalSection(Section):
@@ -135,7 +261,9 @@ class EvalSection(Section):
     )
     metrics: list[str] = Field(
         default_factory=lambda: ["loss"],
-        description="Validation metrics: loss (with perplexity), accuracy.",
+        description="Validation metrics, logged as eval_NAME: loss, perplexity, accuracy, macro_f1 "
+        "(the label named in the generated answer with eval.generate, else the most likely "
+        "label); with eval.generate also bleu, chrf, rouge, exact_match.",
     )
     batch_size: int | None = Field(
         None, gt=0, description="Eval micro-batch; defaults to train.batch_size."
@@ -143,14 +271,62 @@ class EvalSection(Section):
     early_stopping: EarlyStoppingSection | None = Field(
         None, description="{patience, metric, mode, min_delta} or null."
     )
+    generate: bool = Field(
+        False,
+        description="Greedy-generate answers for the validation set and score them (batched).",
+    )
+    max_new_tokens: int = Field(64, gt=0, description="Longest generated answer, in tokens.")
+    generate_max_examples: int | None = Field(
+        None,
+        gt=0,
+        description="Generation and label metrics on the first N validation rows only (loss "
+        "uses all); null: all.",
+    )
+    num_samples: int = Field(
+        4, ge=0, description="Generations kept per evaluation in samples.jsonl and the report."
+    )
+    lang: Literal["auto", "zh", "en"] = Field(
+        "auto", description="Language of the references (BLEU tokenizer, ROUGE library)."
+    )
+    zh_rouge: Literal["word", "char"] = Field(
+        "word", description="Chinese ROUGE units: jieba words or characters."
+    )
+    overfit_patience: int = Field(
+        3,
+        ge=1,
+        description="Warn when eval loss rose this many evaluations in a row while train loss fell.",
+    )
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in EVAL_METRICS:
+                raise ValueError(_not_one_of(name, EVAL_METRICS))
+        return list(dict.fromkeys(v))
+
+
+class LogSection(Section):
+    tensorboard: bool = Field(
+        False,
+        description="Also log metrics to OUTPUT_DIR/tensorboard (needs the tensorboard package).",
+    )
+    report: bool = Field(
+        True, description="Write report.html and plots/*.png at the end of a run with evaluation."
+    )
 
 
 class CheckpointSection(Section):
     every_steps: int | None = Field(
-        100, gt=0, description="Save resumable state every N steps; null: never."
+        100,
+        gt=0,
+        description="Save resumable state every N steps; null: only at epoch ends (at_epoch_end).",
     )
     keep_last: int = Field(
         2, ge=1, description="How many step checkpoints to keep (the best is always kept)."
+    )
+    at_epoch_end: bool = Field(
+        True, description="Also save resumable state after the step that finishes each epoch."
     )
 
 
@@ -179,6 +355,7 @@ class RunConfig(BaseModel):
     eval: EvalSection = Field(default_factory=EvalSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    log: LogSection = Field(default_factory=LogSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -186,6 +363,20 @@ class RunConfig(BaseModel):
         if es is not None and self.data.validation is None:
             raise ValueError(
                 "eval.early_stopping needs a validation set, but data.validation is null"
+            )
+        needs_text = [m for m in self.eval.metrics if m in GENERATION_METRICS]
+        if needs_text and not self.eval.generate:
+            raise ValueError(
+                f"eval.metrics: {', '.join(needs_text)} score generated text; "
+                "set eval.generate: true"
+            )
+        if self.eval.generate and self.data.validation is None:
+            raise ValueError("eval.generate needs a validation set, but data.validation is null")
+        if es is not None and es.metric not in eval_metric_keys(self.eval.metrics):
+            allowed = ", ".join(eval_metric_keys(self.eval.metrics))
+            raise ValueError(
+                f"eval.early_stopping.metric: {es.metric!r} is not logged with these "
+                f"eval.metrics; one of {allowed}"
             )
         return self
 
@@ -231,7 +422,7 @@ def _format_errors(
             reason = f"{e['input']!r} is not one of {allowed}"
         else:
             reason = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{path}: {reason}")
+        lines.append(f"{path}: {reason}" if path else reason)  # cross-checks name their keys
     return lines
 
 
@@ -360,6 +551,8 @@ def _field_rows(model: type[BaseModel], prefix: str) -> list[tuple[str, tuple[st
 
 
 def _doc(field: Any) -> tuple[str, str]:
+    if field.is_required():  # keys of list items, e.g. train.lr_groups.pattern
+        return "(required)", field.description or ""
     default = field.get_default(call_default_factory=True)
     if isinstance(default, BaseModel):
         default = default.model_dump(mode="json")

@@ -53,10 +53,19 @@ def load_run(run_dir: str | Path, dtype: torch.dtype, device: str = "cpu") -> Lo
         raise FileNotFoundError(
             f"{run_dir}: neither adapter/ nor model/ found; did the run finish?"
         )
+    if not (run_dir / "adapter" / "adapter_model.safetensors").is_file():  # R8: no pickle
+        raise FileNotFoundError(
+            f"{run_dir}/adapter: no adapter_model.safetensors; pickled adapters (.bin) are refused"
+        )
     from peft import PeftModel
 
     base = load_model(base_dir, dtype, trust_remote_code=trust)
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter"), is_trainable=False)
+    if model.active_peft_config.is_prompt_learning:
+        # prefix / prompt / P-tuning: peft's generate() misplaces the virtual tokens (#2131)
+        from tuneforge.methods._prompt_runtime import PromptLearningLM
+
+        model = PromptLearningLM(model)
     return Loaded(model.to(device).eval(), tokenizer, "adapter", base_dir)
 
 

@@ -159,6 +159,12 @@ def load_model(
     """Load a causal LM from a local directory, with safetensors only."""
     from transformers import AutoModelForCausalLM
 
+    if not any(Path(model_dir).glob("*.safetensors")):  # R8: never unpickle .bin / .pt weights
+        raise ModelError(
+            f"model.name: {model_dir} has no .safetensors weights; tuneforge never loads pickled "
+            "weights (.bin, .pt, .pth). Convert them with a tool you trust, e.g. "
+            "model.save_pretrained(dir, safe_serialization=True)"
+        )
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir),
         dtype=dtype,

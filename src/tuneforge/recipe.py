@@ -10,17 +10,21 @@ import copy
 import logging
 import math
 import resource
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from tuneforge.config import RunConfig
+from tuneforge.config import ConfigError, RunConfig
+from tuneforge.data.packing import pack_examples
 from tuneforge.data.pipeline import PreparedData, collate, prepare_data
 from tuneforge.data.templates import apply_template
 from tuneforge.evaluation.monitor import EarlyStopping, OverfitMonitor
+from tuneforge.evaluation.validation import ValidationScorer, append_samples, reset_samples
 from tuneforge.methods import build_method
 from tuneforge.models import (
     load_model,
@@ -29,8 +33,19 @@ from tuneforge.models import (
     resolve_model_dir,
     weights_fingerprint,
 )
+from tuneforge.train.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
+from tuneforge.train.fastpath import prepare_fast_path
+from tuneforge.train.guards import StopSignals
 from tuneforge.train.loop import LoopSettings, evaluate_loss, total_steps_for, train_loop
-from tuneforge.train.optim import build_optimizer, build_scheduler, warmup_steps_for
+from tuneforge.train.optim import (
+    LrRules,
+    build_optimizer,
+    build_scheduler,
+    describe_param_groups,
+    warmup_steps_for,
+)
+from tuneforge.train.regularize import add_neftune, l1_penalty, override_dropout
+from tuneforge.train.resume import TrainingState, set_rng_state, start_checkpointing, tokens_digest
 from tuneforge.train.rundir import RunDir, file_sha256
 
 log = logging.getLogger("tuneforge")
@@ -40,6 +55,8 @@ log = logging.getLogger("tuneforge")
 class TrainOutcome:
     run_dir: Path
     summary: dict[str, Any]
+    interrupted: int = 0  # the signal that stopped training (no summary then), or 0
+    checkpoint: Path | None = None  # the last checkpoint written
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -79,6 +96,17 @@ def _prepare(cfg: RunConfig, tokenizer) -> PreparedData:
     )
 
 
+def _lr_rules(t) -> LrRules:
+    """train.layer_lr_decay / layer_lr_direction / lr_groups / embedding_lr / head_lr."""
+    return LrRules(
+        layer_decay=t.layer_lr_decay,
+        direction=t.layer_lr_direction,
+        groups=[(g.pattern, g.lr, g.weight_decay) for g in t.lr_groups],
+        embedding_lr=t.embedding_lr,
+        head_lr=t.head_lr,
+    )
+
+
 def _upcast_trainable(model: torch.nn.Module) -> None:
     """Trainable weights are kept in fp32 (master copies); frozen ones stay in the compute dtype."""
     for param in model.parameters():
@@ -86,24 +114,70 @@ def _upcast_trainable(model: torch.nn.Module) -> None:
             param.data = param.data.float()
 
 
+def _validation_scorer(cfg: RunConfig, tokenizer, data, autocast) -> ValidationScorer | None:
+    """Generation / label metrics on the validation set, or None when only loss is asked for."""
+    e = cfg.eval
+    try:
+        scorer = ValidationScorer(
+            tokenizer,
+            data.validation,
+            e.metrics,
+            generate=e.generate,
+            max_new_tokens=e.max_new_tokens,
+            batch_size=e.batch_size or cfg.train.batch_size,
+            max_examples=e.generate_max_examples,
+            num_samples=e.num_samples,
+            lang=e.lang,
+            zh_mode=e.zh_rouge,
+            autocast_dtype=autocast,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return scorer if scorer.active else None
+
+
 class _Evaluator:
-    """Loss-based evaluation with early stopping, keep-best and the overfitting monitor."""
+    """Validation loss (plus generation / label metrics), early stopping, keep-best, overfit warning."""
 
     def __init__(
-        self, cfg: RunConfig, model, data, collate_fn, accelerator, autocast, run: RunDir | None
+        self, cfg: RunConfig, model, data, collate_fn, accelerator, autocast, run, emit, tokenizer
     ):
         self.model, self.data, self.collate_fn = model, data, collate_fn
-        self.accelerator, self.autocast, self.run = accelerator, autocast, run
+        self.accelerator, self.autocast, self.run, self.emit = accelerator, autocast, run, emit
         self.batch_size = cfg.eval.batch_size or cfg.train.batch_size
         es = cfg.eval.early_stopping
         self.stopper = EarlyStopping(es.patience, es.metric, es.mode, es.min_delta) if es else None
-        self.monitor = OverfitMonitor(patience=3)
+        self.monitor = OverfitMonitor(patience=cfg.eval.overfit_patience)
+        self.scorer = (
+            _validation_scorer(cfg, tokenizer, data, autocast) if data.validation else None
+        )
+        if run is not None and not run.resumed:
+            reset_samples(run.path)
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.for_inference: Any = lambda model: model  # the method's view for generation
         self.last: dict[str, float] = {}
         self.train_losses: list[float] = []
 
     def note_train_loss(self, record: dict[str, Any]) -> None:
-        self.train_losses.append(record["loss"])
+        if "nonfinite" not in record:  # a skipped step has no loss to average
+            self.train_losses.append(record["loss"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps so that a resumed run evaluates and stops exactly the same."""
+        return {
+            "stopper": self.stopper.state_dict() if self.stopper else None,
+            "monitor": self.monitor.state_dict(),
+            "best_state": self.best_state,
+            "last": self.last,
+            "train_losses": list(self.train_losses),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.stopper is not None and state["stopper"] is not None:
+            self.stopper.load_state_dict(state["stopper"])
+        self.monitor.load_state_dict(state["monitor"])
+        self.best_state, self.last = state["best_state"], state["last"]
+        self.train_losses = list(state["train_losses"])
 
     def __call__(self, step: int) -> bool:
         if not self.data.validation:
@@ -116,6 +190,13 @@ class _Evaluator:
             self.batch_size,
             self.autocast,
         )
+        if self.scorer is not None:
+            extra, samples = self.scorer(
+                self.for_inference(self.accelerator.unwrap_model(self.model)), self.accelerator
+            )
+            metrics.update(extra)
+            if self.run is not None:
+                append_samples(self.run.path, step, samples)
         self.last = metrics
         train_loss = (
             sum(self.train_losses) / len(self.train_losses) if self.train_losses else math.nan
@@ -125,10 +206,9 @@ class _Evaluator:
         record = {"step": step, "train_loss": train_loss, **metrics}
         if warning:
             record["warning"] = warning
-            if self.accelerator.is_main_process:
-                log.warning(warning)
-        if self.run is not None:
-            self.run.log(record)
+            if self.accelerator.is_main_process:  # above the progress bar, not through it
+                tqdm.write(f"warning: {warning}", file=sys.stderr)
+        self.emit(record)
         if self.stopper is None:
             return False
         if self.stopper.update(metrics[self.stopper.metric], step):
@@ -150,11 +230,27 @@ class _Evaluator:
                     param.copy_(self.best_state[name].to(param.device))
 
 
-def run_training(cfg: RunConfig, *, show_progress: bool = True) -> TrainOutcome:
-    """Train according to `cfg` and write the run directory. Returns its path and summary."""
+def run_training(
+    cfg: RunConfig,
+    *,
+    show_progress: bool = True,
+    resume: str | None = None,
+    allow_config_change: bool = False,
+) -> TrainOutcome:
+    """Train according to `cfg` and write the run directory. Returns its path and summary.
+
+    `resume` ("auto" or a checkpoint name/path under output.dir/checkpoints) continues a run
+    exactly; a missing, corrupt or incompatible checkpoint raises CheckpointError.
+    """
     accelerator = _make_accelerator(cfg.train.seed)
     main = accelerator.is_main_process
-    run = RunDir(cfg.output.dir, overwrite=cfg.output.overwrite) if main else None
+    ckpt = _resume_checkpoint(cfg, resume) if resume else None  # fails before anything loads
+    run = (
+        RunDir(cfg.output.dir, overwrite=cfg.output.overwrite, resume=ckpt is not None)
+        if main
+        else None
+    )
+    sinks = _record_sinks(cfg, run)
     accelerator.wait_for_everyone()
 
     model_dir = resolve_model_dir(cfg.model.name)
@@ -181,38 +277,73 @@ def run_training(cfg: RunConfig, *, show_progress: bool = True) -> TrainOutcome:
         attn_implementation=cfg.model.attn_implementation,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
     )
-    method = build_method(cfg.method)
-    model = method.apply(model)
-    _upcast_trainable(model)
-    trainable, total = count_params(model)
-
+    if cfg.model.dropout is not None:
+        override_dropout(model, cfg.model.dropout)
     t = cfg.train
     total_steps = t.max_steps or total_steps_for(
         len(data.train), t.batch_size, t.grad_accum, accelerator.num_processes, t.epochs
     )
+    method = build_method(cfg.method)
+    method.plan(total_steps)  # before apply: AdaLoRA's rank schedule spans the run
+    model = method.apply(model)
+    _upcast_trainable(model)
+    fast = prepare_fast_path(
+        model,
+        autocast=dtype == torch.bfloat16,
+        # NEFTune scales its noise by the row width, which packing would change.
+        packing=cfg.data.packing and t.neftune_alpha is None,
+        compile=t.compile,
+        num_threads=t.num_threads,
+    )
+    trainable, total = count_params(model)
+    if t.neftune_alpha is not None:
+        add_neftune(model, t.neftune_alpha)
+    penalty = l1_penalty(model.named_parameters(), t.l1) if t.l1 > 0 else None
     optimizer = build_optimizer(
-        method.param_groups(model, t.lr, t.weight_decay), t.adam_betas, t.adam_eps
+        method.param_groups(model, t.lr, t.weight_decay, _lr_rules(t)), t.adam_betas, t.adam_eps
     )
     warmup = warmup_steps_for(total_steps, t.warmup_steps, t.warmup_ratio)
     scheduler = build_scheduler(
-        optimizer, total_steps=total_steps, warmup_steps=warmup, schedule=t.scheduler
+        optimizer,
+        total_steps=total_steps,
+        warmup_steps=warmup,
+        schedule=t.scheduler,
+        min_lr_ratio=t.min_lr_ratio,
+        power=t.poly_power,
     )
     model, optimizer = accelerator.prepare(model, optimizer)
 
     autocast = torch.bfloat16 if dtype == torch.bfloat16 else None
-    collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
-    evaluator = _Evaluator(cfg, model, data, collate_fn, accelerator, autocast, run)
+    padded = partial(collate, pad_id=tokenizer.pad_token_id)
+    collate_fn = pack_examples if fast.packing else padded
+    evaluator = _Evaluator(
+        cfg, model, data, collate_fn, accelerator, autocast, run, sinks.emit, tokenizer
+    )
+    evaluator.for_inference = method.for_inference  # generation / label scoring view
 
+    manifest = _manifest(cfg, model_dir, data, accelerator, dtype, trainable, total, total_steps)
+    manifest["fast_path"] = fast.to_dict()
+    stateful = {"evaluator": evaluator}  # a method with state_dict() is checkpointed too
+    if hasattr(method, "state_dict"):
+        stateful["method"] = method
+    state, counters, rng = _checkpointing(
+        cfg,
+        ckpt,
+        allow_config_change,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        callbacks=stateful,
+        identity=_identity(cfg, manifest, data, dtype),
+    )
     if run is not None:
         run.write_config(cfg.to_dict())
-        run.write_manifest(
-            _manifest(cfg, model_dir, data, accelerator, dtype, trainable, total, total_steps)
-        )
+        run.write_manifest(manifest)
 
     def on_log(record: dict[str, Any]) -> None:
         evaluator.note_train_loss(record)
-        if run is not None:
-            run.log(record)
+        sinks.emit(record)
 
     settings = LoopSettings(
         total_steps=total_steps,
@@ -224,19 +355,36 @@ def run_training(cfg: RunConfig, *, show_progress: bool = True) -> TrainOutcome:
         log_every_steps=t.log_every_steps,
         autocast_dtype=autocast,
         show_progress=show_progress,
+        checkpoint_every_steps=cfg.checkpoint.every_steps,
+        checkpoint_at_epoch_end=cfg.checkpoint.at_epoch_end,
+        on_nonfinite=t.on_nonfinite,
+        max_bad_steps=t.max_bad_steps,
+        trace_rows=t.trace_rows,
+        loss_chunk_tokens=t.loss_chunk_tokens,
+        group_by_length=cfg.data.group_by_length and not fast.packing,
     )
-    result = train_loop(
-        model,
-        optimizer,
-        scheduler,
-        data.train,
-        collate_fn,
-        accelerator,
-        settings,
-        on_step=method.on_step,
-        on_log=on_log,
-        on_eval=evaluator,
-    )
+    with StopSignals() as stop_requested:
+        if rng is not None:
+            set_rng_state(rng)  # last, so that nothing between here and step 1 draws from it
+        result = train_loop(
+            model,
+            optimizer,
+            scheduler,
+            data.train,
+            collate_fn,
+            accelerator,
+            settings,
+            on_step=method.on_step,
+            penalty=penalty,
+            on_log=on_log,
+            on_eval=evaluator,
+            resume=counters,
+            on_checkpoint=state.save,
+            stop_requested=stop_requested,
+        )
+    if result.interrupted:  # a checkpoint was saved; no artifact, no summary
+        sinks.close()
+        return TrainOutcome(Path(cfg.output.dir), {}, result.interrupted, state.last_saved)
     if evaluator.stopper is not None and evaluator.best_state is not None:
         evaluator.restore_best()
     accelerator.wait_for_everyone()
@@ -253,6 +401,7 @@ def run_training(cfg: RunConfig, *, show_progress: bool = True) -> TrainOutcome:
         "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
         "train_loss": result.mean_loss,
         "final_train_loss": result.last_loss,
+        "skipped_steps": result.skipped_steps,  # non-finite steps (train.on_nonfinite: skip)
         "trainable_params": trainable,
         "total_params": total,
         "eval": evaluator.last,
@@ -267,12 +416,100 @@ def run_training(cfg: RunConfig, *, show_progress: bool = True) -> TrainOutcome:
         ),
         "method": {"name": cfg.method.name, **method.summary(unwrapped)},
         "artifact": method.artifact,
+        "lr_groups": describe_param_groups(optimizer),
     }
     if run is not None:
         _save_artifacts(run, method, unwrapped, tokenizer, dtype)
         run.write_summary(summary)
+        sinks.close()
+        if cfg.log.report and data.validation:
+            from tuneforge.evaluation.htmlreport import write_report_or_warn
+
+            write_report_or_warn(run.path)
     accelerator.wait_for_everyone()
-    return TrainOutcome(Path(cfg.output.dir), summary)
+    return TrainOutcome(Path(cfg.output.dir), summary, checkpoint=state.last_saved)
+
+
+def _resume_checkpoint(cfg: RunConfig, spec: str) -> Checkpoint:
+    """The checkpoint `--resume SPEC` names, read back and verified (every rank reads it)."""
+    return load_checkpoint(find_checkpoint(Path(cfg.output.dir) / "checkpoints", spec))
+
+
+def _identity(cfg: RunConfig, manifest: dict[str, Any], data, dtype) -> dict[str, Any]:
+    """What must not change between a checkpoint and its resume (checked field by field)."""
+    files = manifest["data"]["files"]
+    validation = files["validation"]["sha256"] if "validation" in files else cfg.data.validation
+    return {
+        "model": {"fingerprint": manifest["base_model"]["fingerprint"], "dtype": str(dtype)},
+        "data": {
+            "train": {"sha256": files["train"]["sha256"]},
+            "validation": validation,
+            "tokens_sha256": tokens_digest(data.train),
+            "max_length": cfg.data.max_length,
+        },
+        "train": {k: getattr(cfg.train, k) for k in ("batch_size", "grad_accum", "seed")},
+        "world_size": manifest["world_size"],
+        "total_steps": manifest["total_steps"],
+        "method": cfg.method.model_dump(mode="json"),
+    }
+
+
+def _checkpointing(
+    cfg, ckpt, allow_change, accelerator, model, optimizer, scheduler, *, callbacks, identity
+) -> tuple[TrainingState, dict[str, Any] | None, dict[str, Any] | None]:
+    """Set up checkpoint saving, and restore `ckpt` when resuming: (state, counters, rng)."""
+    es = cfg.eval.early_stopping
+    metric, mode = (es.metric, es.mode) if es else ("eval_loss", "min")
+    every = cfg.eval.every_steps
+    evaluator = callbacks["evaluator"]
+
+    def score(step: int) -> dict[str, Any] | None:  # the evaluation at this step, if one ran
+        if not (evaluator.data.validation and every and step % every == 0):
+            return None
+        return {"metric": metric, "mode": mode, "value": evaluator.last.get(metric)}
+
+    return start_checkpointing(
+        Path(cfg.output.dir),
+        ckpt,
+        allow_change=allow_change,
+        keep_last=cfg.checkpoint.keep_last,
+        rank=accelerator.process_index,
+        barrier=accelerator.wait_for_everyone,
+        model=accelerator.unwrap_model(model),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        callbacks=callbacks,
+        meta={"identity": identity, "config": cfg.to_dict(), "config_digest": cfg.digest()},
+        score=score,
+    )
+
+
+class _RecordSinks:
+    """Where metrics records go: metrics.jsonl, and TensorBoard when log.tensorboard is on."""
+
+    def __init__(self, run: RunDir | None, tensorboard) -> None:
+        self.run, self.tensorboard = run, tensorboard
+
+    def emit(self, record: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log(record)
+        if self.tensorboard is not None:
+            self.tensorboard.log(record)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _record_sinks(cfg: RunConfig, run: RunDir | None) -> _RecordSinks:
+    if not (cfg.log.tensorboard and run is not None):
+        return _RecordSinks(run, None)
+    from tuneforge.evaluation.tensorboard import TensorBoardMissing, TensorBoardSink
+
+    try:
+        return _RecordSinks(run, TensorBoardSink(run.path))
+    except TensorBoardMissing as err:
+        raise ConfigError(str(err)) from None
 
 
 def _save_artifacts(run: RunDir, method, model, tokenizer, dtype: torch.dtype) -> None:

@@ -20,14 +20,33 @@ HIGHER_IS_BETTER = {
 
 
 def evaluate_reference(
-    ref: str, data: str, metrics: list[str], batch_size: int = 8, limit: int | None = None
+    ref: str,
+    data: str,
+    metrics: list[str],
+    batch_size: int = 8,
+    limit: int | None = None,
+    **generation: Any,
 ):
-    """Load `ref` (run dir, HF dir, .gguf or built-in name) and evaluate it on `data`."""
+    """Load `ref` (run dir, HF dir, .gguf or built-in name) and evaluate it on `data`.
+
+    Text metrics (bleu, chrf, rouge, exact_match) score greedy generations; `generation` holds
+    max_new_tokens, lang and zh_mode for them.
+    """
     from tuneforge.evaluation.runner import evaluate_file
+    from tuneforge.evaluation.validation import TEXT_METRICS, score_file_generations
     from tuneforge.loading import load_reference
 
     loaded = load_reference(ref)
-    return evaluate_file(loaded.model, loaded.tokenizer, data, metrics, batch_size, limit)
+    rest = [m for m in metrics if m not in TEXT_METRICS]
+    out = evaluate_file(loaded.model, loaded.tokenizer, data, rest, batch_size, limit)
+    text = [m for m in metrics if m in TEXT_METRICS]
+    if text:
+        out.update(
+            score_file_generations(
+                loaded.model, loaded.tokenizer, data, text, batch_size, limit, **generation
+            )
+        )
+    return out
 
 
 def compare_table(rows: dict[str, dict[str, Any]]) -> str:

@@ -46,15 +46,21 @@ def versions() -> dict[str, str]:
 class RunDir:
     """Writes the files of one run. Only the main process should create one."""
 
-    def __init__(self, path: str | Path, overwrite: bool = False) -> None:
-        self.path = Path(path)
-        if self.path.exists() and any(self.path.iterdir()) and not overwrite:
+    def __init__(self, path: str | Path, overwrite: bool = False, resume: bool = False) -> None:
+        """`resume`: continue a run here; its metrics stay (the caller truncates them)."""
+        self.path, self.resumed = Path(path), resume
+        if self.path.exists() and any(self.path.iterdir()) and not (overwrite or resume):
             raise RunDirError(
-                f"output.dir: {self.path} is not empty; choose another output.dir or set output.overwrite=true"
+                f"output.dir: {self.path} is not empty; choose another output.dir, set output.overwrite=true, or continue it with --resume"
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "summary.json").unlink(missing_ok=True)
-        (self.path / "metrics.jsonl").unlink(missing_ok=True)
+        if not resume:  # a resume drops summary.json only once the checkpoint is accepted
+            (self.path / "summary.json").unlink(missing_ok=True)
+            (self.path / "metrics.jsonl").unlink(missing_ok=True)
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
 
     def write_config(self, config: dict[str, Any]) -> None:
         write_text_atomic(
