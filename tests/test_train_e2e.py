@@ -146,3 +146,16 @@ def test_nonempty_output_dir_is_refused(tmp_path, tiny_model_dir):
     cfg = write_run_config(tmp_path / "r.yaml", tiny_model_dir, data, tmp_path / "run")
     assert main(["train", str(cfg), "--quiet"]) == 2
     assert (tmp_path / "run" / "keep.txt").read_text() == "x"
+
+
+def test_data_check_reports_counts_and_mask(tmp_path, tiny_model_dir, capsys):
+    data = write_toy_messages(tmp_path / "train.jsonl", n=20)
+    with data.open("a") as fh:
+        fh.write('{"messages": [{"role": "user", "content": "hi"}]}\n')  # no assistant turn
+    cfg = write_run_config(tmp_path / "r.yaml", tiny_model_dir, data, tmp_path / "run")
+    assert main(["data", "check", str(cfg)]) == 2  # on_bad_row: fail names the row
+    assert "train.jsonl:21:" in capsys.readouterr().err
+    assert main(["data", "check", str(cfg), "data.on_bad_row=skip"]) == 0
+    out = capsys.readouterr().out
+    assert "read 21" in out and "used 20" in out
+    assert "[[" in out and "]]" in out  # the loss mask is shown

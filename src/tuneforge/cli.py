@@ -74,24 +74,14 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from tuneforge.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    from tuneforge.data.pipeline import format_check_report, prepare_data
+    from tuneforge.data.pipeline import format_check_report
     from tuneforge.data.templates import apply_template
     from tuneforge.models import load_tokenizer, resolve_model_dir
+    from tuneforge.recipe import prepare_run_data
 
     tokenizer = load_tokenizer(resolve_model_dir(cfg.model.name), cfg.model.trust_remote_code)
     apply_template(tokenizer, cfg.data.template)
-    d = cfg.data
-    data = prepare_data(
-        d.train,
-        d.validation,
-        tokenizer,
-        fmt=d.format,
-        max_length=d.max_length,
-        truncation=d.truncation,
-        on_bad_row=d.on_bad_row,
-        train_on=d.train_on,
-        seed=cfg.train.seed,
-    )
+    data = prepare_run_data(cfg, tokenizer)
     print(format_check_report(data, tokenizer))
     return 0
 

@@ -81,7 +81,8 @@ def _make_accelerator(seed: int):
     return accelerator
 
 
-def _prepare(cfg: RunConfig, tokenizer) -> PreparedData:
+def prepare_run_data(cfg: RunConfig, tokenizer) -> PreparedData:
+    """The run's train/validation data, tokenised under the config's data policies."""
     d = cfg.data
     return prepare_data(
         d.train,
@@ -256,7 +257,7 @@ def run_training(
     model_dir = resolve_model_dir(cfg.model.name)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     apply_template(tokenizer, cfg.data.template)
-    data = _prepare(cfg, tokenizer)
+    data = prepare_run_data(cfg, tokenizer)
     if main:
         rep = data.report
         log.info(
