@@ -11,6 +11,7 @@ from tuneforge.data.packing import pack_examples
 from tuneforge.data.pipeline import TokenizedExample
 from tuneforge.models import resolve_dtype
 from tuneforge.train.attention import ATTENTION_NAME, packed_sdpa_forward, use_packed_sdpa
+from tuneforge.train.dropout import FastDropout, drop_mask, use_fast_dropout
 from tuneforge.train.fastpath import (
     auto_num_threads,
     prepare_fast_path,
@@ -163,3 +164,33 @@ def test_threads(monkeypatch):
         assert set_threads(None) == torch.get_num_threads()  # the user's setting wins
     finally:
         torch.set_num_threads(before)
+
+
+def test_fast_dropout_is_dropout():
+    """Drop probability p, survivors scaled by 1/(1-p), gradient through the same mask,
+    identity in eval mode, reproducible from torch's seed."""
+    drop = drop_mask(torch.Size([2000, 500]), 0.1, torch.device("cpu"))
+    assert drop.dtype == torch.bool and abs(float(drop.float().mean()) - 0.1) < 0.003
+    layer = FastDropout(0.25)
+    x = torch.ones(400, 300, requires_grad=True)
+    torch.manual_seed(3)
+    y = layer(x)
+    assert torch.unique(y).tolist() == [0.0, pytest.approx(4 / 3)]
+    assert abs(float((y == 0).float().mean()) - 0.25) < 0.01
+    y.backward(torch.full_like(y, 2.0))
+    torch.testing.assert_close(x.grad, 2.0 * y.detach())  # same mask, same scale
+    torch.manual_seed(3)
+    assert torch.equal(layer(x), y)
+    layer.eval()
+    assert layer(x) is x
+
+
+def test_fast_dropout_replaces_every_plain_dropout():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        build_tiny_llama(300), LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear")
+    )
+    assert use_fast_dropout(model) == 14  # 7 adapted linears x 2 layers
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    assert sum(isinstance(m, FastDropout) for m in model.modules()) == 14
