@@ -77,6 +77,22 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     return model.to(torch.float32)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: several threads on a shared 2-core CPU
+    make OpenMP barriers wait on descheduled threads (tens of times slower). OMP_NUM_THREADS
+    is set too, so that the recipe keeps it (train/fastpath.set_threads)."""
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()

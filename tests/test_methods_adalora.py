@@ -16,12 +16,7 @@ from helpers import write_run_config, write_toy_messages
 STEPS, TINIT, TFINAL = 12, 2, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def test_ranks_shrink_to_the_budget_by_tfinal(tmp_path, tiny_model_dir, monkeypatch):

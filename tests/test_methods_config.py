@@ -14,13 +14,7 @@ from conftest import build_tiny_llama
 METHODS = ["adalora", "freeze", "full", "hybrid", "ia3", "lora", "prefix", "prompt", "ptuning"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all when other tests share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def _method(section: dict):

@@ -96,13 +96,7 @@ RUNS = [(a, v) for a in ARCHS for v in VARIANTS if (a, v) != ("gpt2", "olora")]
 STEPS, EVAL_EVERY = 12, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all when other tests share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,7 @@ from tuneforge.methods._prompt_runtime import PromptLearningLM
 
 from conftest import build_tiny_llama
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all when other tests share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def _gpt2():

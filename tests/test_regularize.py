@@ -14,14 +14,7 @@ from tuneforge.train.regularize import add_neftune, l1_penalty, override_dropout
 from conftest import build_tiny_llama
 from helpers import write_run_config, write_toy_messages
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all when other tests share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def test_l1_value_and_gradient_skip_norms_and_biases():

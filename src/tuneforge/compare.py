@@ -190,6 +190,8 @@ def run_compare(args: argparse.Namespace) -> int:
             raise ConfigError(f"--methods {spec}: {err}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.threads:  # every train / eval process inherits it (train/fastpath.set_threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     model_name = base.get("model", {}).get("name", "smollm2-135m-instruct")
     val = validation_file(base, out)
     base_eval = {
@@ -218,7 +220,8 @@ def _write(args, base, base_eval, rows, failed, pending) -> None:
     meta = (
         f"Measured {dt.date.today().isoformat()} on {machine()}. Same task and budget for every "
         f"row: `{args.config}`, {steps} steps × batch {t.get('batch_size', 8)}, max_length "
-        f"{base.get('data', {}).get('max_length', 512)}. Eval loss: mean token loss of the "
+        f"{base.get('data', {}).get('max_length', 512)}, "
+        f"{os.environ.get('OMP_NUM_THREADS', 'all')} torch thread(s) per process. Eval loss: mean token loss of the "
         f"answers on the held-out validation split (`{args.out}/validation.jsonl`); accuracy: "
         f"`{args.test}`{f' (first {args.limit} rows)' if args.limit else ''}.\n\n"
     )
@@ -247,5 +250,8 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     p.add_argument("--doc", default="docs/methods.md", help="Markdown file to write the table into")
     p.add_argument("--steps", type=int, help="override train.max_steps for every method")
     p.add_argument("--limit", type=int, help="evaluate on the first N test rows only")
+    p.add_argument(
+        "--threads", type=int, help="torch threads per process (OMP_NUM_THREADS); default: cores"
+    )
     p.set_defaults(func=run_compare)
     return p

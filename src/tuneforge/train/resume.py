@@ -87,9 +87,7 @@ def check_finite(tensors: dict[str, torch.Tensor]) -> None:
     bad = [
         n
         for n, t in tensors.items()  # a finite sum proves every element finite (the fast path)
-        if t.is_floating_point()
-        and not torch.isfinite(t.sum())
-        and not torch.isfinite(t).all()
+        if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all()
     ]
     if bad:
         from tuneforge.train.guards import NonFiniteError
