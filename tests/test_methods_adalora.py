@@ -94,3 +94,42 @@ def test_eval_loss_is_free_of_the_orthogonality_penalty(tiny_tokenizer):
         trained = model.train()(input_ids=ids, labels=ids).loss
     assert evaluated == pytest.approx(plain.item(), abs=1e-6)  # B = 0 at init: same model
     assert trained > evaluated + 0.1  # training adds the orthogonality term
+
+
+@pytest.mark.parametrize("resume_at", [5, 10])
+def test_resume_is_bit_identical(tmp_path, tiny_model_dir, resume_at):
+    """The allocator's importance averages and rank pattern are checkpointed: a run resumed while
+    ranks are being pruned (step 5) or after the final allocation (step 10: without the saved
+    pattern peft cannot re-apply it) ends with the uninterrupted run's weights and ranks."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tuneforge.cli import main
+
+    data = write_toy_messages(tmp_path / "train.jsonl", n=48)
+    method = {"name": "adalora", "init_r": 6, "target_r": 2, "tinit": TINIT, "tfinal": TFINAL}
+    cfg = write_run_config(
+        tmp_path / "run.yaml",
+        tiny_model_dir,
+        data,
+        tmp_path / "run",
+        method=method,
+        train={"max_steps": STEPS, "lr": 1e-2},
+        checkpoint={"every_steps": 5, "keep_last": 3},
+        log={"report": False},
+    )
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    name = f"step-{resume_at:06d}"
+    shutil.copytree(tmp_path / "run" / "checkpoints" / name, resumed / "checkpoints" / name)
+    args = ["train", str(cfg), f"output.dir={resumed}", "--quiet", "--resume", name]
+    assert main(args) == 0
+    runs = (tmp_path / "run", resumed)
+    weights = [load_file(d / "adapter" / "adapter_model.safetensors") for d in runs]
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+    summaries = [json.loads((d / "summary.json").read_text()) for d in runs]
+    assert summaries[0]["method"]["ranks"] == summaries[1]["method"]["ranks"]

@@ -2,7 +2,8 @@
 
 The schedule's length is the run's own (`total_step` is never asked of the user); the rank update
 runs in `on_step`, after `optimizer.step()` and before `zero_grad()` as AdaLoRA requires. Final
-ranks per module go to summary.json. Merging and saving are peft's.
+ranks per module go to summary.json; the allocator's state is checkpointed, so a resume is exact.
+Merging and saving are peft's.
 """
 
 from __future__ import annotations
@@ -91,7 +92,32 @@ class AdaLora(Method):
         )
         peft_model = get_peft_model(model, config)
         _orthogonality_only_in_training(peft_model.base_model)
+        self._tuner = peft_model.base_model
         return peft_model
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rank allocator's running importance averages and the rank pattern so far: without
+        them a resumed run re-allocates ranks from fresh scores (not the run it continues)."""
+        tuner = getattr(self, "_tuner", None)
+        if tuner is None:
+            return {}
+        alloc = tuner.rankallocator
+        return {
+            "ipt": dict(alloc.ipt),
+            "exp_avg_ipt": dict(alloc.exp_avg_ipt),
+            "exp_avg_unc": dict(alloc.exp_avg_unc),
+            "rank_pattern": tuner.peft_config[tuner.trainable_adapter_name].rank_pattern,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        tuner = getattr(self, "_tuner", None)
+        if tuner is None or not state:
+            return
+        alloc = tuner.rankallocator
+        params = dict(tuner.model.named_parameters())
+        for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            setattr(alloc, key, {n: t.to(params[n].device) for n, t in state[key].items()})
+        tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = state["rank_pattern"]
 
     def on_step(self, model, step: int) -> None:
         # Gradients are still there (importance scores use them); step + 1 steps are done.
