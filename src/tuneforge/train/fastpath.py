@@ -1,5 +1,6 @@
 """Speed settings for a run, each chosen by measurement (docs/performance.md): threads, the
-attention kernel, adapter input casts under autocast, CPU dropout, and optional torch.compile.
+attention kernel, adapter input casts under autocast, CPU dropout, the fused LoRA branch, and
+optional torch.compile.
 
 Every switch checks a capability, not a method name, and leaves the model's numerics as they
 were (within bf16 rounding); the loss path itself is train/loss.py, packing is data/packing.py.
@@ -15,6 +16,7 @@ import torch
 
 from tuneforge.train.attention import use_packed_sdpa
 from tuneforge.train.dropout import use_fast_dropout
+from tuneforge.train.fused_lora import use_fused_lora
 from tuneforge.train.loss import positions_aligned
 
 log = logging.getLogger("tuneforge")
@@ -109,6 +111,7 @@ class FastPath:
     attention: str | None
     adapter_casts_skipped: int
     fast_dropouts: int
+    fused_lora_layers: int
     compiled_blocks: int
     notes: list[str] = field(default_factory=list)
 
@@ -144,7 +147,8 @@ def prepare_fast_path(
     casts = skip_adapter_input_casts(model) if autocast else 0
     on_cpu = next(model.parameters()).device.type == "cpu"  # CUDA's dropout is fused already
     dropouts = use_fast_dropout(model) if on_cpu else 0
+    fused = use_fused_lora(model) if on_cpu else 0
     blocks = compile_layers(model) if compile else 0
     for note in notes:
         log.warning(note)
-    return FastPath(threads, packing, attention, casts, dropouts, blocks, notes)
+    return FastPath(threads, packing, attention, casts, dropouts, fused, blocks, notes)
