@@ -42,20 +42,52 @@ def _step(model, autocast: bool):
     return logits.detach(), grads
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fused_branch_equals_peft(dtype, one_thread):
-    autocast = dtype == torch.bfloat16
-    model = _lora(dtype)
+def _rel_err(grads, ref):
+    return max(float((grads[n] - ref[n]).norm() / ref[n].norm()) for n in ref)
+
+
+def test_fused_branch_equals_peft_in_fp32(one_thread):
+    model = _lora(torch.float32)
     model.train()
-    ref_logits, ref_grads = _step(model, autocast)
+    ref_logits, ref_grads = _step(model, autocast=False)
     assert use_fused_lora(model) == 14  # 7 adapted linears x 2 layers
-    logits, grads = _step(model, autocast)
-    tol = {"rtol": 2e-2, "atol": 2e-3} if autocast else {"rtol": 1e-5, "atol": 1e-6}
-    torch.testing.assert_close(logits, ref_logits, **tol)
+    logits, grads = _step(model, autocast=False)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
     assert grads.keys() == ref_grads.keys() and len(grads) == 28
-    for name, grad in grads.items():
-        assert grad.dtype == torch.float32, name  # the fp32 masters get fp32 gradients
-        torch.testing.assert_close(grad, ref_grads[name], **tol, msg=name)
+    assert _rel_err(grads, ref_grads) < 1e-5
+
+
+def test_fused_branch_is_as_accurate_as_peft_in_bf16(one_thread):
+    """Under autocast the dropout scale multiplies A instead of the activations (one pass less),
+    so products round differently: against the fp32 gradients (same dropout draws), the fused
+    bf16 step is as close as peft's own bf16 step."""
+    exact = _lora(torch.float32)
+    exact.train()
+    _, fp32_grads = _step(exact, autocast=False)
+    model = _lora(torch.bfloat16)
+    model.train()
+    ref_logits, peft_grads = _step(model, autocast=True)
+    use_fused_lora(model)
+    logits, grads = _step(model, autocast=True)
+    torch.testing.assert_close(logits, ref_logits, rtol=2e-2, atol=1e-2)
+    assert all(g.dtype == torch.float32 for g in grads.values())  # fp32 masters, fp32 grads
+    peft_err, fused_err = _rel_err(peft_grads, fp32_grads), _rel_err(grads, fp32_grads)
+    assert peft_err < 0.1  # bf16 rounding, not a different computation
+    assert fused_err < 1.25 * peft_err, (fused_err, peft_err)
+
+
+def test_fused_branch_draws_the_dropout_of_peft(one_thread):
+    """Same seed, same masks: in fp32 the fused and unfused steps agree although dropout is on,
+    and a different seed does not (so the masks really matter)."""
+    model = _lora(torch.float32, dropout=0.5)
+    model.train()
+    ref, _ = _step(model, autocast=False)
+    use_fused_lora(model)
+    same, _ = _step(model, autocast=False)
+    torch.testing.assert_close(same, ref, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(8)
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(model(input_ids=ids).logits, ref, atol=1e-3)
 
 
 def test_fused_branch_keeps_no_dropped_copy_of_the_input():
