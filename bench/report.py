@@ -58,7 +58,9 @@ def _main_table(summary: dict[str, Any]) -> list[str]:
         if "tuneforge" not in row:
             lines.append(f"| {name} | failed runs: {row['failed']} |" + " |" * 10)
             continue
-        for side, label in (("tuneforge", "tuneforge"), ("hf", "HF Trainer + peft")):
+        full = name.startswith("full")  # the baseline fine-tunes every weight: no peft
+        baseline = "HF Trainer" if full else "HF Trainer + peft"
+        for side, label in (("tuneforge", "tuneforge"), ("hf", baseline)):
             s = row[side]
             ours = side == "tuneforge"
             speed = f"**{row['speedup']:.2f}x**" if ours else "1"
