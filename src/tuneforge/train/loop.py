@@ -177,11 +177,18 @@ def _agreed_signal(accelerator, stop_requested: Callable[[], int] | None) -> int
     return local or (int(signal.SIGTERM) if anyone else 0)
 
 
-def _all_reduce_sum(accelerator, value: float | int) -> float:
+def _all_reduce_sums(accelerator, *values: float | int) -> list[float]:
+    """Each value summed over all processes, in one collective."""
     if accelerator.num_processes == 1:
-        return float(value)
-    tensor = torch.tensor([float(value)], dtype=torch.float64, device=accelerator.device)
-    return float(accelerator.reduce(tensor, reduction="sum").item())
+        return [float(v) for v in values]
+    tensor = torch.tensor(
+        [float(v) for v in values], dtype=torch.float64, device=accelerator.device
+    )
+    return accelerator.reduce(tensor, reduction="sum").tolist()
+
+
+def _all_reduce_sum(accelerator, value: float | int) -> float:
+    return _all_reduce_sums(accelerator, value)[0]
 
 
 def train_loop(
@@ -251,12 +258,15 @@ def train_loop(
             rows.extend(idx)
             micro.append(collate_fn([examples[i] for i in idx]))
         position += settings.grad_accum
-        local_tokens = sum(_count_labels(b) for b in micro)
-        global_tokens = _all_reduce_sum(accelerator, local_tokens)
+        global_tokens, global_inputs = _all_reduce_sums(
+            accelerator,
+            sum(_count_labels(b) for b in micro),
+            sum(input_token_count(b) for b in micro),
+        )
         # Each micro-batch's loss is its token-loss sum over the step's global token count, so
         # accumulation and DDP (which averages gradients over ranks) equal one big batch.
         scale = accelerator.num_processes
-        step_loss = torch.zeros((), dtype=torch.float64)
+        step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         for i, batch in enumerate(micro):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             sync = i == len(micro) - 1
@@ -266,7 +276,7 @@ def train_loop(
             if sync and penalty is not None:  # once per step, with the synced micro-batch
                 objective = objective + penalty(model)
             accelerator.backward(objective)
-            step_loss += loss.detach().double().cpu()  # one host sync per step, below
+            step_loss += loss.detach().double()  # stays on the device: one host sync, below
         step_loss = _all_reduce_sum(accelerator, float(step_loss))
         # With clipping off the norm is still measured (max_norm inf scales by exactly 1.0).
         norm = accelerator.clip_grad_norm_(trainable, settings.max_grad_norm or math.inf)
@@ -290,9 +300,7 @@ def train_loop(
 
         result.steps = step + 1
         result.train_tokens += int(global_tokens)
-        result.input_tokens += int(
-            _all_reduce_sum(accelerator, sum(input_token_count(b) for b in micro))
-        )
+        result.input_tokens += int(global_inputs)
         if not bad:
             result.last_loss = step_loss
             result.loss_sum, result.loss_steps = result.loss_sum + step_loss, result.loss_steps + 1
@@ -368,8 +376,7 @@ def evaluate_loss(
             loss = loss_fn(model, batch, float(n))
         total += float(loss) * n
         count += n
-    total = _all_reduce_sum(accelerator, total)
-    count = _all_reduce_sum(accelerator, count)
+    total, count = _all_reduce_sums(accelerator, total, count)
     if was_training:
         model.train()
     loss = total / count if count else float("nan")
