@@ -12,6 +12,11 @@ from collections.abc import Sequence
 
 from tuneforge.evaluation.lang import CJK_CLASS, is_cjk
 
+#: Metrics reported on a 0-100 scale, where higher is better (loss and perplexity are neither).
+SCORE_METRICS = frozenset(
+    {"accuracy", "macro_f1", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match"}
+)
+
 # A word character that is not CJK: Chinese labels may sit inside a sentence with no spaces.
 _LATIN_WORD = f"[^\\W{CJK_CLASS}]"
 _LEADING_NON_WORD = re.compile(r"[\W_]*")

@@ -10,21 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tuneforge.evaluation.metrics import SCORE_METRICS
+
 # Eval keys that are counts, not metrics worth a curve (eval_loss has its own chart).
 _NOT_CURVES = {"eval_loss", "eval_tokens"}
 _TRAIN = "#1f77b4"
 _EVAL = "#d62728"
 _WARN = "#ff7f0e"
-PERCENT_METRICS = {
-    "accuracy",
-    "macro_f1",
-    "bleu",
-    "chrf",
-    "rouge1",
-    "rouge2",
-    "rougeL",
-    "exact_match",
-}
 
 
 def split_records(
@@ -130,10 +122,10 @@ def plot_metrics(evals: Sequence[dict[str, Any]], names: Sequence[str], out: Pat
         steps, values = _finite([r["step"] for r in evals], [r.get(name) for r in evals])
         ax.plot(steps, values, "o-", color=_EVAL, linewidth=1.6, markersize=4)
         short = name.removeprefix("eval_")
-        if short in PERCENT_METRICS:  # a 0-100 score: a flat zero line should look like zero
+        if short in SCORE_METRICS:  # a 0-100 score: a flat zero line should look like zero
             top = min(100.0, max([5.0, *values]) * 1.1)
             ax.set_ylim(-0.03 * top, top)
-        _style(ax, short, "0-100" if short in PERCENT_METRICS else "")
+        _style(ax, short, "0-100" if short in SCORE_METRICS else "")
     fig.suptitle("Validation metrics", fontsize=12)
     fig.savefig(out, format="png")
     return out

@@ -7,16 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-HIGHER_IS_BETTER = {
-    "accuracy",
-    "macro_f1",
-    "bleu",
-    "chrf",
-    "rouge1",
-    "rouge2",
-    "rougeL",
-    "exact_match",
-}
+from tuneforge.evaluation.metrics import SCORE_METRICS
 
 
 def evaluate_reference(
@@ -64,7 +55,7 @@ def compare_table(rows: dict[str, dict[str, Any]]) -> str:
             and all(isinstance(v, (int, float)) for v in values)
         ):
             delta = values[1] - values[0]
-            better = (delta > 0) == (key in HIGHER_IS_BETTER)
+            better = (delta > 0) == (key in SCORE_METRICS)
             cells.append(
                 f"{delta:+.4f}" + ("" if delta == 0 else (" better" if better else " worse"))
             )
