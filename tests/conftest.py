@@ -57,24 +57,42 @@ def build_tiny_tokenizer():
     return fast
 
 
+#: Hidden sizes shared by the tiny decoder builders below.
+TINY_DECODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+
 def build_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     """A 2-layer Llama with hidden size 32: fast enough for many training steps in a test."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    cfg.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **{**TINY_DECODER, **overrides}))
     return model.to(torch.float32)
+
+
+def build_tiny_qwen2(vocab_size: int, **overrides):
+    """A tiny Qwen2: Llama-shaped, with biases on the attention projections."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, **{**TINY_DECODER, **overrides}))
+
+
+def build_tiny_gpt2(vocab_size: int, **overrides):
+    """A tiny GPT-2: Conv1D layers, learned positions, dropout on by default."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = dict(n_embd=32, n_layer=2, n_head=4, n_positions=256) | overrides
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, **cfg))
 
 
 @pytest.fixture(scope="module")

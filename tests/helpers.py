@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import nullcontext
 from pathlib import Path
 
+import torch
 import yaml
 
 COLORS = ["red", "green", "blue", "black", "white", "pink"]
@@ -55,3 +57,19 @@ def write_run_config(
         cfg[section] = {**cfg.get(section, {}), **values} if merge else values
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+class CpuAccelerator:
+    """The slice of accelerate.Accelerator the training loop uses, for one CPU process."""
+
+    device = torch.device("cpu")
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def backward(self, loss):
+        loss.backward()
+
+    def no_sync(self, model):
+        return nullcontext()
+
+    def clip_grad_norm_(self, params, max_norm):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -3,7 +3,6 @@ backward, and steps aside wherever the layer is not plain single-adapter LoRA.""
 
 from contextlib import nullcontext
 
-import pytest
 import torch
 
 from tuneforge.train.dropout import use_fast_dropout

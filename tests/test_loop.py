@@ -13,29 +13,9 @@ from tuneforge.train.loop import LoopSettings, epoch_order, micro_batch_indices,
 from tuneforge.train.optim import build_optimizer, build_scheduler, default_param_groups
 
 from conftest import build_tiny_llama
-from helpers import write_toy_messages
+from helpers import CpuAccelerator, write_toy_messages
 
 GOLDEN = Path(__file__).parent / "golden" / "lora_tiny_losses.json"
-
-
-class _CPU:
-    """The slice of accelerate.Accelerator the loop uses, for a single CPU process."""
-
-    device = torch.device("cpu")
-    num_processes = 1
-    process_index = 0
-    is_main_process = True
-
-    def backward(self, loss):
-        loss.backward()
-
-    def no_sync(self, model):
-        from contextlib import nullcontext
-
-        return nullcontext()
-
-    def clip_grad_norm_(self, params, max_norm):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def _data(tmp_path, tokenizer, n=48):
@@ -73,7 +53,7 @@ def _run(
         sched,
         examples,
         partial(collate, pad_id=tokenizer.pad_token_id),
-        _CPU(),
+        CpuAccelerator(),
         settings,
         on_log=lambda r: losses.append(r["loss"]),
     )

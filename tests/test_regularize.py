@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tuneforge.cli import main
 from tuneforge.train.regularize import add_neftune, l1_penalty, override_dropout
 
-from conftest import build_tiny_llama
+from conftest import build_tiny_gpt2, build_tiny_llama
 from helpers import write_run_config, write_toy_messages
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
@@ -80,13 +80,7 @@ def test_neftune_in_a_run_changes_training(tmp_path, tiny_model_dir):
 
 
 def _gpt2(dropout: float):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=300, n_embd=32, n_layer=2, n_head=4, resid_pdrop=dropout, attn_pdrop=dropout
-    )
-    return GPT2LMHeadModel(cfg)
+    return build_tiny_gpt2(300, resid_pdrop=dropout, attn_pdrop=dropout)
 
 
 def _two_train_forwards(model):
