@@ -65,6 +65,7 @@ class AdaLora(Method):
     name = "adalora"
     Options = AdaLoraOptions
     mergeable = True
+    _tuner: Any = None  # peft's AdaLoraModel, once `apply` has run: owns the rank allocator
 
     def apply(self, model):
         from peft import AdaLoraConfig, get_peft_model
@@ -98,7 +99,7 @@ class AdaLora(Method):
     def state_dict(self) -> dict[str, Any]:
         """The rank allocator's running importance averages and the rank pattern so far: without
         them a resumed run re-allocates ranks from fresh scores (not the run it continues)."""
-        tuner = getattr(self, "_tuner", None)
+        tuner = self._tuner
         if tuner is None:
             return {}
         alloc = tuner.rankallocator
@@ -110,7 +111,7 @@ class AdaLora(Method):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        tuner = getattr(self, "_tuner", None)
+        tuner = self._tuner
         if tuner is None or not state:
             return
         alloc = tuner.rankallocator

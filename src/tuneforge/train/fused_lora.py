@@ -23,7 +23,8 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 class _LoraBranch(torch.autograd.Function):
-    """`linear(linear(dropout(x), A), B) * scaling`, the ops of peft's branch in the same order."""
+    """`linear(linear(dropout(x), A), B) * scaling`: peft's branch, with the dropout scale moved
+    onto A (equal in exact arithmetic; in bf16 the products round differently)."""
 
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, scaling: float, p: float, dtype: torch.dtype):
