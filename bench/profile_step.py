@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
     from tuneforge.data.pipeline import prepare_data
     from tuneforge.methods import build_method
     from tuneforge.models import load_model, load_tokenizer, resolve_model_dir
-    from tuneforge.recipe import _upcast_trainable
+    from tuneforge.recipes.train import upcast_trainable
     from tuneforge.train.fastpath import prepare_fast_path
     from tuneforge.train.loss import CausalLMLoss
 
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
         {"method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.05}, "data": {"train": "x"}}
     )
     model = build_method(cfg.method).apply(load_model(model_dir, torch.bfloat16))
-    _upcast_trainable(model)
+    upcast_trainable(model)
     prepare_fast_path(model, autocast=True, packing=True, compile=False, num_threads=args.threads)
     model.train()
     loss_fn = CausalLMLoss(model)

@@ -30,7 +30,7 @@ def peak_memory_mb(device: str) -> float:
 
 def run_tuneforge(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """The product as a user runs it: `tuneforge train` with this workload, defaults otherwise."""
-    import tuneforge.recipe as recipe
+    import tuneforge.recipes.train as recipe
     from tuneforge.config import build_config
 
     cpu: list[float] = []

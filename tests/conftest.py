@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+import tuneforge.methods  # noqa: F401  (registers every method with the config, as the CLI does)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

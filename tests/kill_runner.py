@@ -27,9 +27,9 @@ def _die() -> None:
 
 def _patch_forward(kill_at: int | None, signal_at: tuple[int, list[int]] | None) -> None:
     """Count training forwards with a pre-hook on the input embeddings (called once per forward)."""
-    import tuneforge.recipe as recipe
+    import tuneforge.recipes.parts as parts
 
-    original = recipe.load_model
+    original = parts.load_model
     count = {"n": 0}
 
     def hook(module, args):
@@ -47,7 +47,7 @@ def _patch_forward(kill_at: int | None, signal_at: tuple[int, list[int]] | None)
         model.get_input_embeddings().register_forward_pre_hook(hook)
         return model
 
-    recipe.load_model = load_model
+    parts.load_model = load_model
 
 
 def patch_saver(kill_at_tick: int, setattr=setattr) -> dict[str, int]:

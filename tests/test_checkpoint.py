@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from kill_runner import patch_saver
+from tuneforge.errors import CheckpointError
 from tuneforge.train.checkpoint import (
     Checkpointer,
-    CheckpointError,
     find_checkpoint,
     flatten,
     list_checkpoints,

@@ -4,14 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tuneforge.config import (
-    ConfigError,
-    RunConfig,
-    build_config,
-    describe,
-    load_config,
-    parse_overrides,
-)
+from tuneforge.config import RunConfig, build_config, describe, load_config, parse_overrides
+from tuneforge.errors import ConfigError
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 
@@ -110,7 +104,7 @@ def test_config_module_imports_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, tuneforge.config as c; c.build_config({}); print('torch' in sys.modules)"
+    code = "import sys, tuneforge.methods, tuneforge.config as c; c.build_config({}); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

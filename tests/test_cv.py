@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from tuneforge.cli import main
-from tuneforge.evaluation.cv import aggregate, fold_indices
+from tuneforge.recipes.cv import aggregate, fold_indices
 
 from helpers import write_run_config, write_toy_messages
 

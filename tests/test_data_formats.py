@@ -18,7 +18,6 @@ import pytest
 from tuneforge.data.formats import (
     FORMATS,
     BadRow,
-    DataError,
     Example,
     RowError,
     detect_format,
@@ -26,6 +25,7 @@ from tuneforge.data.formats import (
     read_records,
     to_example,
 )
+from tuneforge.errors import DataError
 
 ROWS = {
     "alpaca": [

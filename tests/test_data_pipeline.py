@@ -10,7 +10,8 @@ import json
 import pytest
 import torch
 
-from tuneforge.data.formats import DataError, Example
+from tuneforge.constants import IGNORE_INDEX
+from tuneforge.data.formats import Example
 from tuneforge.data.pipeline import (
     TokenizedExample,
     collate,
@@ -19,7 +20,7 @@ from tuneforge.data.pipeline import (
     prepare_data,
     split_examples,
 )
-from tuneforge.data.templates import IGNORE_INDEX
+from tuneforge.errors import DataError
 
 
 def chat(question, answer):

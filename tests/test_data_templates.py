@@ -13,11 +13,11 @@ from tuneforge.data.formats import Example
 from tuneforge.data.templates import (
     BUILTIN_TEMPLATES,
     IGNORE_INDEX,
-    TemplateError,
     apply_template,
     render,
     render_prompt,
 )
+from tuneforge.errors import TemplateError
 
 SINGLE = [
     {"role": "user", "content": "What is two plus two?"},

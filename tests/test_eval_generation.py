@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from tuneforge.cli import main
-from tuneforge.config import ConfigError, build_config
+from tuneforge.config import build_config
 from tuneforge.data.formats import Example
 from tuneforge.data.pipeline import TokenizedExample
 from tuneforge.data.templates import render, render_prompt
+from tuneforge.errors import ConfigError
 from tuneforge.evaluation.generation import (
     cut_at_stop,
     generate_batched,

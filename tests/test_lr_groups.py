@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tuneforge.cli import main
-from tuneforge.config import ConfigError, build_config
+from tuneforge.config import build_config
+from tuneforge.errors import ConfigError
 from tuneforge.train.optim import LrRules, build_param_groups, lr_factor
 
 from conftest import build_tiny_gpt2, build_tiny_llama

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-import tuneforge.recipe as recipe
-from tuneforge.config import ConfigError, load_config
+import tuneforge.recipes.train as recipe
+from tuneforge.config import load_config
+from tuneforge.errors import ConfigError
 from tuneforge.methods.adalora import AdaLora, adalora_schedule, final_ranks
 
 from helpers import write_run_config, write_toy_messages

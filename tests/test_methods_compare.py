@@ -6,7 +6,8 @@ import json
 import pytest
 
 from tuneforge.cli import main
-from tuneforge.compare import (
+from tuneforge.config import build_config
+from tuneforge.recipes.compare import (
     BEGIN,
     DEFAULT_SPECS,
     END,
@@ -16,7 +17,6 @@ from tuneforge.compare import (
     validation_file,
     write_doc,
 )
-from tuneforge.config import build_config
 
 from helpers import write_toy_messages
 

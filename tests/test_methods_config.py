@@ -6,7 +6,8 @@ import logging
 import pytest
 import torch
 
-from tuneforge.config import ConfigError, build_config, describe
+from tuneforge.config import build_config, describe
+from tuneforge.errors import ConfigError
 from tuneforge.methods import build_method, method_names
 
 from conftest import build_tiny_llama

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import tuneforge.recipe as recipe
+import tuneforge.recipes.parts as parts
+import tuneforge.recipes.train as recipe
 from tuneforge.config import load_config
 from tuneforge.data.pipeline import collate, prepare_data
 from tuneforge.methods._prompt_runtime import PromptLearningLM
@@ -145,7 +146,7 @@ def train_run(workdir: Path, tokenizer, arch: str, variant: str, monkeypatch) ->
         log={"report": False},
     )
     seen: dict = {}
-    build = recipe.build_method
+    build = parts.build_method
     rows = prepare_data(workdir / "train.jsonl", None, tokenizer, max_length=64).train
     batch = collate(rows[:16], pad_id=tokenizer.pad_token_id)
 
@@ -178,7 +179,7 @@ def train_run(workdir: Path, tokenizer, arch: str, variant: str, monkeypatch) ->
         return method
 
     with monkeypatch.context() as m:
-        m.setattr(recipe, "build_method", spy_build)
+        m.setattr(parts, "build_method", spy_build)
         summary = recipe.run_training(load_config(cfg_path), show_progress=False).summary
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     seen["losses"] = [r["loss"] for r in lines if "loss" in r]
@@ -314,7 +315,7 @@ def test_reload_generate_merge_in_a_new_process(reloaded, arch, variant):
 
 
 def test_olora_on_conv1d_is_refused_by_name(workdir, tiny_tokenizer, monkeypatch):
-    from tuneforge.config import ConfigError
+    from tuneforge.errors import ConfigError
 
     with pytest.raises(ConfigError, match="method.init: olora"):
         train_run(workdir, tiny_tokenizer, "gpt2", "olora", monkeypatch)

@@ -142,13 +142,14 @@ def test_generate_reads_a_generation_config_as_evaluation_passes_it():
 
 def test_training_time_evaluation_uses_the_wrapper(tmp_path, tiny_model_dir, monkeypatch):
     """eval.generate / accuracy during training see the same model as a reloaded run."""
-    import tuneforge.recipe as recipe
+    import tuneforge.recipes.parts as parts
+    import tuneforge.recipes.train as recipe
     from tuneforge.config import load_config
 
     from helpers import write_run_config, write_toy_messages
 
     seen = []
-    scorer = recipe.ValidationScorer.__call__
+    scorer = parts.ValidationScorer.__call__
 
     def spy(self, model, accelerator):
         seen.append(type(model).__name__)
@@ -165,7 +166,7 @@ def test_training_time_evaluation_uses_the_wrapper(tmp_path, tiny_model_dir, mon
         eval={"every_steps": None, "metrics": ["loss", "exact_match"], "generate": True},
         log={"report": False},
     )
-    monkeypatch.setattr(recipe.ValidationScorer, "__call__", spy)
+    monkeypatch.setattr(parts.ValidationScorer, "__call__", spy)
     summary = recipe.run_training(load_config(cfg), show_progress=False).summary
     assert seen == ["PromptLearningLM"]
     assert "eval_exact_match" in summary["eval"]

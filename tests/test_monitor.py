@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from tuneforge.evaluation.monitor import EarlyStopping, OverfitMonitor
+from tuneforge.train.callbacks import EarlyStopping, OverfitMonitor
 
 
 def feed(stopper: EarlyStopping, values: list[float]) -> list[bool]:

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tuneforge.recipe as recipe
+import tuneforge.recipes.parts as parts
 from tuneforge.cli import main
+from tuneforge.errors import NonFiniteError
 from tuneforge.train.checkpoint import Checkpointer
-from tuneforge.train.guards import NonFiniteError, NonFiniteGuard, nonfinite_parts
+from tuneforge.train.guards import NonFiniteGuard, nonfinite_parts
 from tuneforge.train.resume import TrainingState
 
 from helpers import write_run_config, write_toy_messages
@@ -22,7 +23,7 @@ def nan_at(monkeypatch):
     """nan_at({3, 4}): the embeddings output NaN in those training forwards (1-based)."""
     bad: set[int] = set()
     count = {"n": 0}
-    original = recipe.load_model
+    original = parts.load_model
 
     def hook(module, args, output):
         if module.training:
@@ -36,7 +37,7 @@ def nan_at(monkeypatch):
         model.get_input_embeddings().register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(recipe, "load_model", load_model)
+    monkeypatch.setattr(parts, "load_model", load_model)
     return bad.update
 
 

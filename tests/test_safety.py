@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from tuneforge.cli import main
+from tuneforge.errors import CheckpointError, ModelError, UnsafePathError
 from tuneforge.loading import load_reference
-from tuneforge.models import ModelError, load_model
-from tuneforge.paths import UnsafePathError, confined
-from tuneforge.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from tuneforge.models import load_model
+from tuneforge.paths import confined
+from tuneforge.train.checkpoint import find_checkpoint, load_checkpoint
 
 from helpers import write_run_config, write_toy_messages
 

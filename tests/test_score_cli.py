@@ -1,4 +1,4 @@
-"""`python -m tuneforge.evaluation.score`: JSON shape, 0-100 scale, agreement with sacrebleu's CLI.
+"""`tuneforge score`: JSON shape, 0-100 scale, agreement with sacrebleu's CLI.
 
 Metric math itself is tested in test_metrics.py.
 """
@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tuneforge.evaluation.score import (
-    META_KEY,
-    add_score_parser,
-    main,
-    run_score,
-    score_files,
-    score_texts,
-)
+from tuneforge.cli import main as cli_main
+from tuneforge.errors import DataError
+from tuneforge.evaluation.score import META_KEY, score_files, score_texts
+
+
+def main(argv):
+    return cli_main(["score", *argv])
+
 
 PAIRS = {
     "en": (
@@ -68,7 +68,7 @@ def write_pair(tmp_path: Path, lang: str) -> tuple[Path, Path]:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tuneforge.evaluation.score", *args], capture_output=True, text=True
+        [sys.executable, "-m", "tuneforge.cli", "score", *args], capture_output=True, text=True
     )
 
 
@@ -133,15 +133,15 @@ def test_unknown_metric_exits_2_with_allowed_list(tmp_path):
 def test_mismatched_line_counts_name_both_counts(tmp_path, capsys):
     hyp, ref = write_pair(tmp_path, "en")
     hyp.write_text("only one line\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"has 1 predictions, .* has 5 references"):
+    with pytest.raises(DataError, match=r"has 1 predictions, .* has 5 references"):
         score_files(hyp, ref, ["bleu"])
-    assert main(["--predictions", str(hyp), "--references", str(ref)]) == 1
+    assert main(["--predictions", str(hyp), "--references", str(ref)]) == 2
     assert "has 1 predictions" in capsys.readouterr().err
 
 
-def test_missing_file_exits_1(tmp_path, capsys):
+def test_missing_file_exits_2(tmp_path, capsys):
     hyp, _ = write_pair(tmp_path, "en")
-    assert main(["--predictions", str(hyp), "--references", str(tmp_path / "nope.txt")]) == 1
+    assert main(["--predictions", str(hyp), "--references", str(tmp_path / "nope.txt")]) == 2
     assert "nope.txt" in capsys.readouterr().err
 
 
@@ -157,26 +157,3 @@ def test_score_texts_meta_and_rouge_modes():
         score_texts(preds, refs, ["bleu", "accuracy"])
     with pytest.raises(ValueError, match="lang"):
         score_texts(preds, refs, ["bleu"], lang="fr")
-
-
-def test_add_score_parser_registers_the_subcommand(tmp_path, capsys):
-    import argparse
-
-    hyp, ref = write_pair(tmp_path, "en")
-    parser = argparse.ArgumentParser(prog="tuneforge")
-    add_score_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
-        [
-            "score",
-            "--predictions",
-            str(hyp),
-            "--references",
-            str(ref),
-            "--metrics",
-            "chrf",
-            "--json",
-        ]
-    )
-    assert args.func is run_score
-    assert args.func(args) == 0
-    assert set(json.loads(capsys.readouterr().out)) == {"chrf", META_KEY}

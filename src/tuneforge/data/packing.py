@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from tuneforge.constants import IGNORE_INDEX
 
 
 def pack_examples(batch: Sequence[Any]) -> dict[str, torch.Tensor]:

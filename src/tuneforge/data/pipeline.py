@@ -14,15 +14,17 @@ from typing import Any
 
 import torch
 
+from tuneforge.constants import IGNORE_INDEX
 from tuneforge.data.formats import (
     BadRow,
-    DataError,
     Example,
     LoadResult,
+    bad_rows_error,
     list_bad_rows,
     load_examples,
 )
-from tuneforge.data.templates import IGNORE_INDEX, TemplateError, render
+from tuneforge.data.templates import render
+from tuneforge.errors import TemplateError
 
 TRUNCATION = ("truncate", "drop", "error")
 _HINTS = {
@@ -110,11 +112,11 @@ def prepare_data(
     _raise_if_fatal(tally.fatal)
     report = _build_report(loads, train, val, tally)
     if not train:
-        raise DataError.from_rows(
+        raise bad_rows_error(
             f"{train_path}: no usable training rows; every row was dropped:", tally.dropped
         )
     if isinstance(validation, str | Path) and not val:
-        raise DataError.from_rows(
+        raise bad_rows_error(
             f"{validation}: no usable validation rows; every row was dropped:", tally.dropped
         )
     return PreparedData(train=train, validation=val, report=report)
@@ -187,7 +189,7 @@ def _raise_if_fatal(fatal: list[BadRow]) -> None:
         return
     kinds = sorted({row.kind for row in fatal})
     hints = "; ".join(_HINTS[kind] for kind in kinds if kind in _HINTS)
-    raise DataError.from_rows(f"{len(fatal)} rows cannot be used ({hints}):", fatal)
+    raise bad_rows_error(f"{len(fatal)} rows cannot be used ({hints}):", fatal)
 
 
 def _build_report(

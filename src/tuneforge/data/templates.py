@@ -10,9 +10,10 @@ from typing import Any
 
 import jinja2
 
-from tuneforge.data.formats import DataError, Example
+from tuneforge.constants import IGNORE_INDEX
+from tuneforge.data.formats import Example
+from tuneforge.errors import TemplateError
 
-IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "all")
 
 CHATML = (
@@ -41,10 +42,6 @@ ALPACA = (
 BUILTIN_TEMPLATES: dict[str, str] = {"chatml": CHATML, "llama3": LLAMA3, "alpaca": ALPACA}
 
 _PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-
-
-class TemplateError(DataError):
-    """The chat template cannot render a conversation the way training needs."""
 
 
 def apply_template(tokenizer: Any, template: str | None) -> None:

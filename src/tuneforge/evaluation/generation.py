@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
+from tuneforge.constants import IGNORE_INDEX
 from tuneforge.data.formats import Example
 from tuneforge.data.pipeline import TokenizedExample
-from tuneforge.data.templates import IGNORE_INDEX, render, render_prompt
+from tuneforge.data.templates import render, render_prompt
 
 
 @dataclass(frozen=True)

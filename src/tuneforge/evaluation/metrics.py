@@ -10,6 +10,7 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
+from tuneforge.errors import UsageError
 from tuneforge.evaluation.lang import CJK_CLASS, is_cjk
 
 #: Metrics reported on a 0-100 scale, where higher is better (loss and perplexity are neither).
@@ -140,3 +141,16 @@ def match_label(generated: str, labels: Sequence[str]) -> str | None:
         if found:
             anywhere[label] = found
     return _unique_longest(anywhere)
+
+
+def parse_metric_list(text: str, allowed: Sequence[str], option: str = "--metrics") -> list[str]:
+    """``"bleu, rouge"`` -> ``["bleu", "rouge"]`` (deduplicated, in order); UsageError naming
+    the unknown names and the allowed ones."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in allowed]
+    if unknown or not names:
+        raise UsageError(
+            f"{option}: unknown metric(s) {', '.join(unknown) or '(none given)'}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+    return list(dict.fromkeys(names))

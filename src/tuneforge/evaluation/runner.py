@@ -12,12 +12,11 @@ from typing import Any
 
 import torch
 
+from tuneforge.constants import IGNORE_INDEX
 from tuneforge.data.formats import Example, load_examples
 from tuneforge.data.pipeline import TokenizedExample, collate
 from tuneforge.data.templates import render
 from tuneforge.evaluation.metrics import classification_report
-
-IGNORE_INDEX = -100
 
 
 def _with_answer(example: Example, answer: str) -> Example:

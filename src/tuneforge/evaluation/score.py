@@ -1,35 +1,26 @@
-"""Score prediction texts against references: ``tuneforge score`` and its library functions.
+"""Score prediction texts against references: the library behind ``tuneforge score``.
 
-Metric math is in metrics.py / textmetrics.py; registering the command is left to cli.py.
+Metric math is in metrics.py / textmetrics.py; the command line is in cli/evaluate.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tuneforge.evaluation.lang import LANGS, check_lang, detect_lang
-from tuneforge.evaluation.metrics import check_pairs, exact_match
-from tuneforge.evaluation.textmetrics import ZH_MODES, bleu, chrf, rouge
+from tuneforge.constants import GENERATION_METRICS as METRICS
+from tuneforge.errors import DataError
+from tuneforge.evaluation.lang import check_lang, detect_lang
+from tuneforge.evaluation.metrics import check_pairs, exact_match, parse_metric_list
+from tuneforge.evaluation.textmetrics import bleu, chrf, rouge
 
-METRICS = ("bleu", "chrf", "rouge", "exact_match")
 META_KEY = "meta"  # the one key of a score dict that is not a metric
 
 
 def parse_metrics(text: str) -> list[str]:
-    """``"bleu, rouge"`` -> ``["bleu", "rouge"]``; ValueError naming unknown and allowed names."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in METRICS]
-    if unknown or not names:
-        raise ValueError(
-            f"unknown metric(s): {', '.join(unknown) or '(none given)'}; "
-            f"allowed: {', '.join(METRICS)}"
-        )
-    return list(dict.fromkeys(names))
+    """``"bleu, rouge"`` -> ``["bleu", "rouge"]``; UsageError naming unknown and allowed names."""
+    return parse_metric_list(text, METRICS)
 
 
 def score_texts(
@@ -90,7 +81,7 @@ def score_files(
     """score_texts on two line-aligned files; a line-count mismatch names both files and counts."""
     preds, refs = read_lines(pred_path), read_lines(ref_path)
     if len(preds) != len(refs):
-        raise ValueError(
+        raise DataError(
             f"line counts differ: {pred_path} has {len(preds)} predictions, "
             f"{ref_path} has {len(refs)} references"
         )
@@ -107,72 +98,3 @@ def format_table(scores: dict[str, Any]) -> str:
     lines.append(f"lang: {meta['lang']}   n: {meta['n']}")
     lines += [f"{name} signature: {sig}" for name, sig in meta["signatures"].items()]
     return "\n".join(lines)
-
-
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--predictions", required=True, help="file with one prediction per line")
-    parser.add_argument("--references", required=True, help="file with one reference per line")
-    parser.add_argument(
-        "--metrics",
-        default="bleu,chrf,rouge",
-        help=f"comma-separated, from: {', '.join(METRICS)} (default: bleu,chrf,rouge)",
-    )
-    parser.add_argument(
-        "--lang",
-        choices=(*LANGS, "auto"),
-        default="auto",
-        help="zh uses sacrebleu's zh tokenizer and rouge_chinese; auto detects from references",
-    )
-    parser.add_argument(
-        "--zh-rouge",
-        choices=ZH_MODES,
-        default="word",
-        dest="zh_mode",
-        help="Chinese ROUGE units: jieba words or characters (default: word)",
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON object: metric -> 0-100 score"
-    )
-
-
-def add_score_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``score`` on a subparsers object; ``run_score`` is set as ``func``."""
-    parser = subparsers.add_parser(
-        "score",
-        help="BLEU / chrF / ROUGE / exact match of a predictions file against references",
-        description="Score one prediction per line against one reference per line.",
-    )
-    _add_arguments(parser)
-    parser.set_defaults(func=run_score)
-    return parser
-
-
-def run_score(args: argparse.Namespace) -> int:
-    """Run the command: 0 on success, 2 for unknown metric names, 1 for unreadable input."""
-    try:
-        metrics = parse_metrics(args.metrics)
-    except ValueError as e:
-        print(f"tuneforge score: {e}", file=sys.stderr)
-        return 2
-    try:
-        scores = score_files(
-            args.predictions, args.references, metrics, lang=args.lang, zh_mode=args.zh_mode
-        )
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        print(f"tuneforge score: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(scores, ensure_ascii=False) if args.json else format_table(scores))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m tuneforge.evaluation.score``), same flags as the CLI."""
-    parser = argparse.ArgumentParser(
-        prog="tuneforge score", description="Score one prediction per line against references."
-    )
-    _add_arguments(parser)
-    return run_score(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from tuneforge.constants import GENERATION_METRICS as TEXT_METRICS
+from tuneforge.constants import IGNORE_INDEX, LABEL_METRICS
 from tuneforge.data.pipeline import TokenizedExample, collate
 from tuneforge.evaluation.generation import (
     GenItem,
@@ -24,13 +26,11 @@ from tuneforge.evaluation.generation import (
     items_from_tokenized,
     last_labelled_run,
 )
-from tuneforge.evaluation.htmlreport import SAMPLES_FILE
 from tuneforge.evaluation.lang import check_lang, detect_lang
 from tuneforge.evaluation.metrics import classification_report, match_label
 from tuneforge.evaluation.score import META_KEY, score_texts
+from tuneforge.train.rundir import SAMPLES_FILE
 
-TEXT_METRICS = ("bleu", "chrf", "rouge", "exact_match")
-LABEL_METRICS = ("accuracy", "macro_f1")
 MAX_LABELS = 50
 
 
@@ -245,7 +245,7 @@ def _answer_ids(
 
 def _scored_row(item: GenItem, answer: list[int]) -> TokenizedExample:
     prompt = item.prompt_ids
-    return TokenizedExample(prompt + answer, [-100] * len(prompt) + answer, item.source)
+    return TokenizedExample(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, item.source)
 
 
 def reset_samples(run_dir: str | Path) -> None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from tuneforge.config import MethodSection, register_method_options
+
 if TYPE_CHECKING:
     import torch
-
-    from tuneforge.config import MethodSection
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -73,16 +73,13 @@ def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make `cls` available as `method.name: <cls.name>`."""
     if cls.name in _REGISTRY:
         raise ValueError(f"method {cls.name!r} registered twice")
+    register_method_options(cls.name, cls.Options)  # the config validates method.* with it
     _REGISTRY[cls.name] = cls
     return cls
 
 
 def method_names() -> list[str]:
     return sorted(_REGISTRY)
-
-
-def options_model(name: str) -> type[MethodSection]:
-    return _REGISTRY[name].Options
 
 
 def build_method(options: MethodSection) -> Method:

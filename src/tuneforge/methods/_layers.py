@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from tuneforge.config import ConfigError
+from tuneforge.errors import ConfigError
 
 BLOCK_CONTAINERS = ("layers", "h", "blocks", "block", "layer")
 _BLOCK_RE = re.compile(r"(?:^|\.)(?:" + "|".join(BLOCK_CONTAINERS) + r")\.(\d+)(?:\.|$)")

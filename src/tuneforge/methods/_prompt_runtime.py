@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from tuneforge.constants import IGNORE_INDEX
 
 
 def _cache_of(out: Any) -> Any:

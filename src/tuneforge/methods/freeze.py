@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from tuneforge.config import ConfigError, MethodSection
+from tuneforge.config import MethodSection
+from tuneforge.errors import ConfigError
 from tuneforge.methods import Method, register
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from tuneforge.config import ConfigError
+from tuneforge.errors import ConfigError
 from tuneforge.methods import register
 from tuneforge.methods.lora import Lora, LoraOptions, lora_config_kwargs
 

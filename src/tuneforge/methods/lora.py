@@ -16,7 +16,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from tuneforge.config import ConfigError, MethodSection
+from tuneforge.config import MethodSection
+from tuneforge.errors import ConfigError
 from tuneforge.methods import Method, register
 
 #: Inits that rewrite the base weights (W_res = W - B0·A0); the adapter is converted when saved.

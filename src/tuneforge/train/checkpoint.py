@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tuneforge.paths import UnsafePathError, confined
+from tuneforge.errors import CheckpointError, UnsafePathError
+from tuneforge.paths import confined
 
 FORMAT = "tuneforge-checkpoint"
 VERSION = 1
@@ -32,10 +33,6 @@ _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 _CHUNK = 1 << 20
 
 Payload = bytes | dict[str, torch.Tensor]  # a JSON/bytes file, or tensors for a .safetensors file
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or corrupt, or cannot be used for this run."""
 
 
 # --- plain-data encoding: JSON for structure, safetensors for tensors, no pickle ----------------

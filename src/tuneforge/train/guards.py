@@ -15,16 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tuneforge.errors import NonFiniteError
+
 NONFINITE_POLICIES = ("halt", "skip")
 NONFINITE_EXIT_CODE = 3
 INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 MAX_LISTED_ROWS = 16
-
-
-class NonFiniteError(RuntimeError):
-    """Training stopped on a non-finite loss or gradient; the message names the step and rows."""
-
-    exit_code = NONFINITE_EXIT_CODE
 
 
 def nonfinite_parts(loss: float, grad_norm: float | None) -> dict[str, str]:

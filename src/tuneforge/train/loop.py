@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from tuneforge.constants import IGNORE_INDEX
 from tuneforge.data.packing import input_token_count, length_grouped
 from tuneforge.train.guards import NonFiniteGuard, nonfinite_parts
 from tuneforge.train.loss import DEFAULT_CHUNK_TOKENS, CausalLMLoss
 
-IGNORE_INDEX = -100
 LENGTH_GROUP_BATCHES = 64  # micro-batches per length-sorted group (train.group_by_length)
 
 

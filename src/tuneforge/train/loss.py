@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from tuneforge.constants import IGNORE_INDEX
+
 DEFAULT_CHUNK_TOKENS = 512
 
 

@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 
+from tuneforge.constants import LR_DIRECTIONS as DIRECTIONS
+from tuneforge.constants import SCHEDULES
 from tuneforge.methods._layers import EMBEDDING_RE, HEAD_RE, count_layers, layer_index
-
-SCHEDULES = ("constant", "linear", "cosine", "cosine_with_min_lr", "polynomial")
-DIRECTIONS = ("shallow_smaller", "deep_smaller")
 
 
 def _no_decay(name: str, param: torch.nn.Parameter) -> bool:

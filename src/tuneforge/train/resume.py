@@ -19,13 +19,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from tuneforge.train.checkpoint import (
-    Checkpoint,
-    Checkpointer,
-    CheckpointError,
-    state_files,
-    tensor_files,
-)
+from tuneforge.errors import CheckpointError, ResumeRefused
+from tuneforge.train.checkpoint import Checkpoint, Checkpointer, state_files, tensor_files
 
 log = logging.getLogger("tuneforge")
 
@@ -39,10 +34,6 @@ FIELD_HINTS = {
     "total_steps": "train.epochs / train.max_steps (the schedule length)",
     "world_size": "the number of processes",
 }
-
-
-class ResumeRefused(CheckpointError):
-    """The run changed since the checkpoint in a way that breaks an exact resume."""
 
 
 class Stateful(Protocol):
@@ -90,7 +81,7 @@ def check_finite(tensors: dict[str, torch.Tensor]) -> None:
         if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all()
     ]
     if bad:
-        from tuneforge.train.guards import NonFiniteError
+        from tuneforge.errors import NonFiniteError
 
         raise NonFiniteError(
             f"non-finite values in {len(bad)} trainable weights (e.g. {bad[0]}); "

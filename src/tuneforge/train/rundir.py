@@ -16,13 +16,11 @@ from typing import Any
 
 import yaml
 
+from tuneforge.errors import RunDirError
 from tuneforge.paths import write_json_atomic, write_text_atomic
 
+SAMPLES_FILE = "samples.jsonl"  # a few generations per evaluation (evaluation/validation.py)
 PACKAGES = ("tuneforge", "torch", "transformers", "peft", "accelerate", "tokenizers")
-
-
-class RunDirError(ValueError):
-    """The run directory cannot be used (not empty, or not a tuneforge run)."""
 
 
 def file_sha256(path: str | Path) -> str:

@@ -1,18 +1,14 @@
-"""Typed run configuration: one YAML file plus `key=value` overrides, validated once.
+"""The typed sections of a run config: every key with its default, type and one-line doc.
 
-Every key has a default, a type and a one-line doc. Method-specific keys are validated by the
-method's own options model, looked up in the method registry; nothing here imports torch.
+Validation of values lives here; reading YAML, overrides and error wording live in `loader.py`.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,16 +19,19 @@ from pydantic import (
     model_validator,
 )
 
+from tuneforge.config.messages import format_errors, not_one_of
+from tuneforge.constants import (
+    DATA_FORMATS,
+    EVAL_METRICS,
+    GENERATION_METRICS,
+    LABEL_METRICS,
+    LR_DIRECTIONS,
+    SCHEDULES,
+)
+from tuneforge.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config problem, reported as one `key.path: reason` line per problem."""
-
-
-# eval.metrics names; the generation ones score greedy answers (eval.generate: true).
-LOSS_METRICS = ("loss", "perplexity")
-LABEL_METRICS = ("accuracy", "macro_f1")
-GENERATION_METRICS = ("bleu", "chrf", "rouge", "exact_match")
-EVAL_METRICS = LOSS_METRICS + LABEL_METRICS + GENERATION_METRICS
+#: Every method's options model by method name; `tuneforge.methods.register` fills it.
+_METHOD_OPTIONS: dict[str, type[MethodSection]] = {}
 
 
 def eval_metric_keys(metrics: list[str]) -> list[str]:
@@ -87,7 +86,7 @@ class DataSection(Section):
     validation: float | str | None = Field(
         0.1, description="A ratio of train in (0, 1), a file path, or null for none."
     )
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "text", "classification"] = Field(
+    format: Literal[("auto", *DATA_FORMATS)] = Field(
         "auto", description="Row format; auto detects it from the first valid row."
     )
     template: str | None = Field(
@@ -164,7 +163,7 @@ class TrainSection(Section):
     batch_size: int = Field(8, gt=0, description="Examples per micro-batch per process.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     lr: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
-    scheduler: Literal["constant", "linear", "cosine", "cosine_with_min_lr", "polynomial"] = Field(
+    scheduler: Literal[SCHEDULES] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
     min_lr_ratio: float = Field(
@@ -181,7 +180,7 @@ class TrainSection(Section):
         description="Layer-wise rates: block i trains at lr * decay^(distance from the end "
         "chosen by layer_lr_direction); 1.0 disables.",
     )
-    layer_lr_direction: Literal["shallow_smaller", "deep_smaller"] = Field(
+    layer_lr_direction: Literal[LR_DIRECTIONS] = Field(
         "shallow_smaller",
         description="shallow_smaller: layers near the input get the smaller rates (LLRD, "
         "ULMFiT); deep_smaller: layers near the output do.",
@@ -302,7 +301,7 @@ class EvalSection(Section):
     def _known_metrics(cls, v: list[str]) -> list[str]:
         for name in v:
             if name not in EVAL_METRICS:
-                raise ValueError(_not_one_of(name, EVAL_METRICS))
+                raise ValueError(not_one_of(name, EVAL_METRICS))
         return list(dict.fromkeys(v))
 
 
@@ -348,7 +347,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: ModelSection = Field(default_factory=ModelSection)
     method: SerializeAsAny[MethodSection] = Field(
-        default_factory=lambda: _method_options({"name": "lora"})
+        default_factory=lambda: method_options({"name": "lora"})
     )
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
@@ -389,171 +388,32 @@ class RunConfig(BaseModel):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _method_options(value: dict[str, Any]) -> MethodSection:
-    """Validate the method section with the registered method's own options model."""
-    from tuneforge.methods import method_names, options_model  # the registry; imports no torch
+def register_method_options(name: str, options: type[MethodSection]) -> None:
+    """Make `method.name: NAME` validate with `options` (called by the method registry)."""
+    if name in _METHOD_OPTIONS:
+        raise ValueError(f"method {name!r} registered twice")
+    _METHOD_OPTIONS[name] = options
 
+
+def method_names() -> list[str]:
+    """Every registered method name (empty until `tuneforge.methods` has been imported)."""
+    return sorted(_METHOD_OPTIONS)
+
+
+def options_model(name: str) -> type[MethodSection]:
+    return _METHOD_OPTIONS[name]
+
+
+def method_options(value: dict[str, Any]) -> MethodSection:
+    """Validate the method section with the registered method's own options model."""
+    if not _METHOD_OPTIONS:  # a programming error, not a user's: the registry was never loaded
+        raise RuntimeError("no method is registered: import tuneforge.methods first")
     name = value.get("name", "lora")
-    if name not in method_names():
-        raise ConfigError(f"method.name: {_not_one_of(name, method_names())}")
+    if name not in _METHOD_OPTIONS:
+        raise ConfigError(f"method.name: {not_one_of(name, method_names())}")
     try:
         return options_model(name).model_validate(value)
     except ValidationError as err:
-        raise ConfigError("\n".join(_format_errors(err, "method", options_model(name)))) from None
-
-
-def _not_one_of(value: Any, allowed: list[str] | tuple[str, ...]) -> str:
-    msg = f"{value!r} is not one of {', '.join(allowed)}"
-    close = difflib.get_close_matches(str(value), list(allowed), n=1)
-    return msg + (f" (did you mean {close[0]!r}?)" if close else "")
-
-
-def _format_errors(
-    err: ValidationError, prefix: str = "", root: type[BaseModel] | None = None
-) -> list[str]:
-    lines = []
-    for e in err.errors():
-        loc = [str(p) for p in e["loc"] if not str(p).startswith("function-")]
-        path = ".".join(([prefix] if prefix else []) + loc)
-        if e["type"] == "extra_forbidden":
-            reason = "unknown key" + _did_you_mean(e, root or RunConfig)
-        elif e["type"] == "literal_error":
-            allowed = e["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
-            reason = f"{e['input']!r} is not one of {allowed}"
-        else:
-            reason = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{path}: {reason}" if path else reason)  # cross-checks name their keys
-    return lines
-
-
-def _did_you_mean(e: dict, root: type[BaseModel]) -> str:
-    key = str(e["loc"][-1])
-    known = _known_keys(root, e["loc"][:-1])
-    close = difflib.get_close_matches(key, known, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return []
-        ann = field.annotation
-        sub = [
-            a
-            for a in getattr(ann, "__args__", (ann,))
-            if isinstance(a, type) and issubclass(a, BaseModel)
-        ]
-        if not sub:
-            return []
-        model = sub[0]
-    return list(model.model_fields)
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`train.lr=1e-4 method.r=8` -> nested dict; values are parsed as YAML scalars."""
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{item}: an override must look like key.path=value")
-        path, raw = item.split("=", 1)
-        keys = path.strip().split(".")
-        if not all(keys):
-            raise ConfigError(f"{path}: empty key in override")
-        node = tree
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{path}: conflicts with another override")
-        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
-    return tree
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
-    """Validate a raw mapping (plus overrides) into a RunConfig, or raise ConfigError."""
-    merged = _merge(raw or {}, parse_overrides(overrides or []))
-    problems: list[str] = []
-    method = merged.pop("method", None)
-    if isinstance(method, str):
-        method = {"name": method}
-    if method is not None and not isinstance(method, dict):
-        problems.append("method: expected a mapping with a 'name' key")
-    elif method is not None:
-        try:
-            merged["method"] = _method_options(method)
-        except ConfigError as err:
-            problems.extend(str(err).splitlines())
-    try:
-        config = RunConfig.model_validate(merged)
-    except ValidationError as err:
-        problems.extend(_format_errors(err))
-    if problems:
-        raise ConfigError("\n".join(problems))
-    return config
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run file (or nothing: all defaults) and apply `key=value` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return build_config(raw, overrides)
-
-
-def describe(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key path, default, doc) for every key: used by `tuneforge config` to print the reference.
-
-    Method keys are listed once per registered method, as `method.KEY [METHOD]`.
-    """
-    rows = []
-    for name, field in model.model_fields.items():
-        path = f"{prefix}{name}"
-        if model is RunConfig and name == "method":
-            from tuneforge.methods import method_names, options_model
-
-            for method in method_names():
-                for key, doc_row in _field_rows(options_model(method), "method."):
-                    rows.append((f"{key} [{method}]", *doc_row))
-            continue
-        ann = field.annotation
-        subs = [
-            a
-            for a in getattr(ann, "__args__", (ann,))
-            if isinstance(a, type) and issubclass(a, BaseModel)
-        ]
-        if subs:
-            rows.extend(describe(subs[0], path + "."))
-            continue
-        rows.append((path, *_doc(field)))
-    return rows
-
-
-def _field_rows(model: type[BaseModel], prefix: str) -> list[tuple[str, tuple[str, str]]]:
-    return [(f"{prefix}{name}", _doc(field)) for name, field in model.model_fields.items()]
-
-
-def _doc(field: Any) -> tuple[str, str]:
-    if field.is_required():  # keys of list items, e.g. train.lr_groups.pattern
-        return "(required)", field.description or ""
-    default = field.get_default(call_default_factory=True)
-    if isinstance(default, BaseModel):
-        default = default.model_dump(mode="json")
-    return json.dumps(default, default=str), field.description or ""
+        raise ConfigError(
+            "\n".join(format_errors(err, "method", root=options_model(name)))
+        ) from None

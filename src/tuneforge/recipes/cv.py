@@ -6,19 +6,17 @@ Like recipe.py this reads the whole config; each fold is an ordinary run of the 
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import random
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tuneforge.config import ConfigError, RunConfig, build_config
-from tuneforge.data.formats import Example, load_examples
+from tuneforge.config import RunConfig, build_config
+from tuneforge.data.formats import Example, load_examples, write_examples_jsonl
+from tuneforge.errors import ConfigError, RunDirError
 from tuneforge.paths import write_json_atomic
-from tuneforge.train.rundir import RunDirError
 
 log = logging.getLogger("tuneforge")
 CV_FILE = "cv.json"
@@ -37,23 +35,6 @@ def fold_indices(n: int, k: int, seed: int) -> list[list[int]]:
     return [sorted(order[i::k]) for i in range(k)]
 
 
-def example_record(example: Example) -> dict[str, Any]:
-    """A JSONL row that loads back as the same example (messages, or plain text)."""
-    if example.text is not None:
-        return {"text": example.text}
-    record: dict[str, Any] = {"messages": example.messages}
-    if example.label is not None:
-        record["label"] = example.label
-    return record
-
-
-def write_jsonl(path: Path, examples: Sequence[Example]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = (json.dumps(example_record(ex), ensure_ascii=False) + "\n" for ex in examples)
-    path.write_text("".join(lines), encoding="utf-8")
-    return path
-
-
 def write_folds(
     examples: Sequence[Example], folds: Sequence[Sequence[int]], data_dir: Path
 ) -> list[tuple[Path, Path]]:
@@ -65,8 +46,8 @@ def write_folds(
         val = [examples[i] for i in fold]
         paths.append(
             (
-                write_jsonl(data_dir / f"fold-{k}-train.jsonl", train),
-                write_jsonl(data_dir / f"fold-{k}-validation.jsonl", val),
+                write_examples_jsonl(data_dir / f"fold-{k}-train.jsonl", train),
+                write_examples_jsonl(data_dir / f"fold-{k}-validation.jsonl", val),
             )
         )
     return paths
@@ -125,7 +106,7 @@ def run_cross_validation(
         raise ConfigError(str(err)) from None
     files = write_folds(loaded.examples, folds, out_dir / "folds")
     if train_fn is None:
-        from tuneforge.recipe import run_training as train_fn
+        from tuneforge.recipes.train import run_training as train_fn
     results = []
     for i, (train_path, val_path) in enumerate(files, start=1):
         log.info("cv: fold %d of %d (%d validation rows)", i, k, len(folds[i - 1]))
@@ -155,28 +136,3 @@ def run_cross_validation(
     }
     write_json_atomic(out_dir / CV_FILE, result)
     return result
-
-
-def format_cv_table(result: dict[str, Any]) -> str:
-    """Metrics down, folds across, then mean ± std."""
-    names = list(result["mean"])
-    header = ["metric", *(f"fold-{r['fold']}" for r in result["per_fold"]), "mean ± std"]
-    lines = [header]
-    for name in names:
-        cells = [name, *(_fmt(r["metrics"].get(name)) for r in result["per_fold"])]
-        cells.append(f"{_fmt(result['mean'][name])} ± {_fmt(result['std'][name])}")
-        lines.append(cells)
-    rows = ["validation rows", *(str(r["validation_rows"]) for r in result["per_fold"]), ""]
-    lines.append(rows)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(text)
-
-
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if math.isfinite(value) and abs(value) >= 1e5:
-        return f"{value:.4g}"
-    return f"{value:.4f}"

@@ -8,17 +8,20 @@ around it is left alone. Choosing methods and rates is the caller's; nothing her
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
 import platform
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tuneforge.config import build_config
+from tuneforge.errors import ConfigError
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 
@@ -99,7 +102,7 @@ def evaluate(ref: str, data: str, out: Path, metrics: str, limit: int | None) ->
 def validation_file(base: dict[str, Any], out: Path) -> Path:
     """The run's held-out validation rows as a file (the same seeded split training makes), so
     that the base model's loss is measured on exactly the rows each run's eval_loss uses."""
-    from tuneforge.data.formats import load_examples
+    from tuneforge.data.formats import load_examples, write_examples_jsonl
     from tuneforge.data.pipeline import split_examples
 
     data, seed = base.get("data", {}), base.get("train", {}).get("seed", 0)
@@ -108,12 +111,7 @@ def validation_file(base: dict[str, Any], out: Path) -> Path:
         raise ValueError("compare: data.validation must be a ratio (the runs' eval loss set)")
     examples = load_examples(data["train"], data.get("format", "auto"), "fail").examples
     _, held_out = split_examples(examples, ratio, seed)
-    path = out / "validation.jsonl"
-    rows = [
-        {"messages": ex.messages, **({"label": ex.label} if ex.label else {})} for ex in held_out
-    ]
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return path
+    return write_examples_jsonl(out / "validation.jsonl", held_out)
 
 
 def compare_one(base: dict, spec: str, out: Path, test: str, steps, limit) -> dict[str, Any]:
@@ -178,80 +176,67 @@ def write_doc(doc: Path, block: str) -> None:
     doc.write_text(text)
 
 
-def run_compare(args: argparse.Namespace) -> int:
-    from tuneforge.config import ConfigError, build_config
+@dataclass
+class CompareJob:
+    """What `tuneforge compare` was asked: the base config, the specs, where to write."""
 
-    base = yaml.safe_load(Path(args.config).read_text()) or {}
-    specs = [s.strip() for s in (args.methods.split(",") if args.methods else DEFAULT_SPECS)]
+    config: str
+    test: str
+    methods: str | None = None  # comma-separated specs; None: DEFAULT_SPECS
+    out: Path = Path("runs/compare")
+    doc: Path = Path("docs/methods.md")
+    steps: int | None = None
+    limit: int | None = None
+    threads: int | None = None
+
+
+def run_compare(job: CompareJob) -> int:
+    """Train and score every spec (finished ones reused); 1 if any failed, else 0."""
+    base = yaml.safe_load(Path(job.config).read_text()) or {}
+    specs = [s.strip() for s in (job.methods.split(",") if job.methods else DEFAULT_SPECS)]
     for spec in specs:  # every spec must validate before hours of training start
         try:
-            build_config(run_config(base, spec, Path(args.out) / slug(spec), args.steps))
+            build_config(run_config(base, spec, job.out / slug(spec), job.steps))
         except (ConfigError, ValueError) as err:
             raise ConfigError(f"--methods {spec}: {err}") from None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.threads:  # every train / eval process inherits it (train/fastpath.set_threads)
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    job.out.mkdir(parents=True, exist_ok=True)
+    if job.threads:  # every train / eval process inherits it (train/fastpath.set_threads)
+        os.environ["OMP_NUM_THREADS"] = str(job.threads)
     model_name = base.get("model", {}).get("name", "smollm2-135m-instruct")
-    val = validation_file(base, out)
+    val = validation_file(base, job.out)
     base_eval = {
-        "loss": evaluate(model_name, str(val), out / "base_loss.json", "loss", None)["loss"],
+        "loss": evaluate(model_name, str(val), job.out / "base_loss.json", "loss", None)["loss"],
         "accuracy": evaluate(
-            model_name, args.test, out / "base_accuracy.json", "accuracy", args.limit
+            model_name, job.test, job.out / "base_accuracy.json", "accuracy", job.limit
         )["accuracy"],
     }
     rows, failed = [], []
     for i, spec in enumerate(specs):
-        _write(args, base, base_eval, rows, failed, pending=specs[i:])  # honest while running
+        _write(job, base, base_eval, rows, failed, pending=specs[i:])  # honest while running
         print(f"== {spec}", flush=True)
         try:
-            rows.append(compare_one(base, spec, out, args.test, args.steps, args.limit))
+            rows.append(compare_one(base, spec, job.out, job.test, job.steps, job.limit))
         except RuntimeError as err:
             failed.append(f"{spec}: {err}")
             print(f"   failed: {err}", flush=True)
-        (out / "results.json").write_text(json.dumps({"base": base_eval, "rows": rows}, indent=1))
-    _write(args, base, base_eval, rows, failed, pending=[])
+        results = {"base": base_eval, "rows": rows}
+        (job.out / "results.json").write_text(json.dumps(results, indent=1))
+    _write(job, base, base_eval, rows, failed, pending=[])
     return 1 if failed else 0
 
 
-def _write(args, base, base_eval, rows, failed, pending) -> None:
+def _write(job: CompareJob, base, base_eval, rows, failed, pending) -> None:
     t = base.get("train", {})
-    steps = args.steps or t.get("max_steps")
+    steps = job.steps or t.get("max_steps")
     meta = (
         f"Measured {dt.date.today().isoformat()} on {machine()}. Same task and budget for every "
-        f"row: `{args.config}`, {steps} steps × batch {t.get('batch_size', 8)}, max_length "
+        f"row: `{job.config}`, {steps} steps × batch {t.get('batch_size', 8)}, max_length "
         f"{base.get('data', {}).get('max_length', 512)}, "
         f"{os.environ.get('OMP_NUM_THREADS', 'all')} torch thread(s) per process. Eval loss: mean token loss of the "
-        f"answers on the held-out validation split (`{args.out}/validation.jsonl`); accuracy: "
-        f"`{args.test}`{f' (first {args.limit} rows)' if args.limit else ''}.\n\n"
+        f"answers on the held-out validation split (`{job.out}/validation.jsonl`); accuracy: "
+        f"`{job.test}`{f' (first {job.limit} rows)' if job.limit else ''}.\n\n"
     )
     notes = "".join(f"- failed: {f}\n" for f in failed)
     if pending:
         notes += f"- not measured yet (the comparison is still running): {', '.join(pending)}\n"
-    write_doc(
-        Path(args.doc), meta + markdown_table(base_eval, rows) + ("\n" + notes if notes else "")
-    )
-
-
-def add_compare_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "compare", help="train several methods on one config and budget; table to a Markdown file"
-    )
-    p.add_argument("config", help="the base run config (its method section is replaced)")
-    p.add_argument(
-        "--methods",
-        help="comma-separated NAME[:key=value...] specs; train.KEY=... sets a train key "
-        "(default: every method with a suited rate)",
-    )
-    p.add_argument("--test", required=True, help="held-out file for loss and accuracy")
-    p.add_argument(
-        "--out", default="runs/compare", help="work directory (finished runs are reused)"
-    )
-    p.add_argument("--doc", default="docs/methods.md", help="Markdown file to write the table into")
-    p.add_argument("--steps", type=int, help="override train.max_steps for every method")
-    p.add_argument("--limit", type=int, help="evaluate on the first N test rows only")
-    p.add_argument(
-        "--threads", type=int, help="torch threads per process (OMP_NUM_THREADS); default: cores"
-    )
-    p.set_defaults(func=run_compare)
-    return p
+    write_doc(job.doc, meta + markdown_table(base_eval, rows) + ("\n" + notes if notes else ""))

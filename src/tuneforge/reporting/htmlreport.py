@@ -11,18 +11,18 @@ import base64
 import html
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tuneforge.evaluation.plots import make_plots
+from tuneforge.errors import RunDirError
 from tuneforge.paths import write_text_atomic
-from tuneforge.train.rundir import RunDirError
+from tuneforge.reporting.plots import make_plots
+from tuneforge.reporting.tables import fmt_number
+from tuneforge.train.rundir import SAMPLES_FILE
 
 log = logging.getLogger("tuneforge")
-SAMPLES_FILE = "samples.jsonl"  # written by validation.append_samples
 PROMPT_CHARS = 300  # the tail of long prompts (system prompt, instructions) is what differs
 
 _CSS = """
@@ -114,14 +114,6 @@ def _steps_text(summary: dict[str, Any]) -> str:
     return text + (" · stopped early" if summary.get("stopped_early") else "")
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return (
-            "nan" if math.isnan(value) else f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
-        )
-    return str(value)
-
-
 def _metrics_table(summary: dict[str, Any]) -> str:
     rows = [(k.removeprefix("eval_"), v) for k, v in (summary.get("eval") or {}).items()]
     rows = [(f"validation {k}", v) for k, v in rows if isinstance(v, int | float)]
@@ -132,12 +124,15 @@ def _metrics_table(summary: dict[str, Any]) -> str:
     best = summary.get("best")
     if best:
         rows.append(
-            ("best (restored)", f"{best['metric']} {_fmt(best['value'])} at step {best['step']}")
+            (
+                "best (restored)",
+                f"{best['metric']} {fmt_number(best['value'])} at step {best['step']}",
+            )
         )
     if not rows:
         return "<p>No final metrics (the run has no summary.json).</p>"
     body = "".join(
-        f"<tr><td>{html.escape(k)}</td><td class='num'>{html.escape(_fmt(v))}</td></tr>"
+        f"<tr><td>{html.escape(k)}</td><td class='num'>{html.escape(fmt_number(v))}</td></tr>"
         for k, v in rows
     )
     return f"<table><tr><th>metric</th><th>value</th></tr>{body}</table>"

@@ -1,0 +1,293 @@
+"""The fine-tuning recipe: wires config -> data -> model -> method -> loop -> run directory.
+
+Besides the CLI, recipes are the only code that reads the whole config; each step below hands
+plain arguments to the components it calls. Export and serving are other recipes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import resource
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneforge.config import RunConfig
+from tuneforge.data.packing import pack_examples
+from tuneforge.data.pipeline import PreparedData, collate
+from tuneforge.evaluation.evaluator import Evaluator
+from tuneforge.methods import Method
+from tuneforge.models import resolve_model_dir
+from tuneforge.recipes.manifest import resume_identity, run_manifest
+from tuneforge.recipes.parts import (
+    TrainingModel,
+    build_evaluator,
+    build_optimizer_and_schedule,
+    build_training_model,
+    load_run_tokenizer,
+    loop_settings,
+    prepare_run_data,
+)
+from tuneforge.reporting.sinks import open_sinks
+from tuneforge.train.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
+from tuneforge.train.guards import StopSignals
+from tuneforge.train.loop import LoopResult, train_loop
+from tuneforge.train.optim import (
+    describe_param_groups,
+)
+from tuneforge.train.regularize import l1_penalty
+from tuneforge.train.resume import TrainingState, set_rng_state, start_checkpointing
+from tuneforge.train.rundir import RunDir
+
+log = logging.getLogger("tuneforge")
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: Path
+    summary: dict[str, Any]
+    interrupted: int = 0  # the signal that stopped training (no summary then), or 0
+    checkpoint: Path | None = None  # the last checkpoint written
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak resident memory of this process (CPU), or peak allocated CUDA memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@dataclass
+class _Job:
+    """Everything one training run has built, handed from step to step of the recipe."""
+
+    accelerator: Any
+    run: RunDir | None
+    sinks: Any
+    tokenizer: Any
+    data: PreparedData
+    built: TrainingModel
+    model: torch.nn.Module  # as accelerate prepared it
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    collate_fn: Any
+    evaluator: Evaluator
+    manifest: dict[str, Any]
+
+
+def run_training(
+    cfg: RunConfig,
+    *,
+    show_progress: bool = True,
+    resume: str | None = None,
+    allow_config_change: bool = False,
+) -> TrainOutcome:
+    """Train according to `cfg` and write the run directory. Returns its path and summary.
+
+    `resume` ("auto" or a checkpoint name/path under output.dir/checkpoints) continues a run
+    exactly; a missing, corrupt or incompatible checkpoint raises CheckpointError.
+    """
+    accelerator = _make_accelerator(cfg.train.seed)
+    ckpt = _resume_checkpoint(cfg, resume) if resume else None  # fails before anything loads
+    run = None
+    if accelerator.is_main_process:
+        run = RunDir(cfg.output.dir, overwrite=cfg.output.overwrite, resume=ckpt is not None)
+    sinks = open_sinks(run, cfg.log.tensorboard)
+    accelerator.wait_for_everyone()
+    job = _prepare(cfg, accelerator, run, sinks)
+    state, counters, rng = _checkpointing(cfg, job, ckpt, allow_config_change)
+    if run is not None:
+        run.write_config(cfg.to_dict())
+        run.write_manifest(job.manifest)
+    result = _train(cfg, job, state, counters, rng, show_progress)
+    if result.interrupted:  # a checkpoint was saved; no artifact, no summary
+        sinks.close()
+        return TrainOutcome(Path(cfg.output.dir), {}, result.interrupted, state.last_saved)
+    summary = _finish(cfg, job, result)
+    sinks.close()
+    if run is not None and cfg.log.report and job.data.validation:
+        from tuneforge.reporting.htmlreport import write_report_or_warn
+
+        write_report_or_warn(run.path)
+    accelerator.wait_for_everyone()
+    return TrainOutcome(Path(cfg.output.dir), summary, checkpoint=state.last_saved)
+
+
+def _prepare(cfg: RunConfig, accelerator, run: RunDir | None, sinks: Any) -> _Job:
+    """Data, the wrapped model, optimizer and schedule, the evaluator and the manifest."""
+    model_dir = resolve_model_dir(cfg.model.name)
+    tokenizer = load_run_tokenizer(cfg, model_dir)
+    data = prepare_run_data(cfg, tokenizer)
+    if accelerator.is_main_process:
+        _log_data(data)
+    built = build_training_model(cfg, model_dir, data, accelerator)
+    optimizer, scheduler = build_optimizer_and_schedule(cfg, built)
+    model, optimizer = accelerator.prepare(built.model, optimizer)
+    padded = partial(collate, pad_id=tokenizer.pad_token_id)
+    collate_fn = pack_examples if built.fast.packing else padded
+    evaluator = build_evaluator(
+        cfg,
+        built,
+        model,
+        data,
+        collate_fn,
+        accelerator,
+        tokenizer,
+        emit=sinks.emit,
+        samples_dir=run.path if run is not None else None,
+    )
+    evaluator.start(resumed=run is not None and run.resumed)
+    manifest = run_manifest(cfg, model_dir, data, built, accelerator)
+    return _Job(
+        accelerator,
+        run,
+        sinks,
+        tokenizer,
+        data,
+        built,
+        model,
+        optimizer,
+        scheduler,
+        collate_fn,
+        evaluator,
+        manifest,
+    )
+
+
+def _train(cfg: RunConfig, job: _Job, state, counters, rng, show_progress: bool) -> LoopResult:
+    """The loop itself, with Ctrl-C / SIGTERM turned into a checkpoint and a clean exit."""
+
+    def on_log(record: dict[str, Any]) -> None:
+        job.evaluator.note_train_loss(record)
+        job.sinks.emit(record)
+
+    with StopSignals() as stop_requested:
+        if rng is not None:
+            set_rng_state(rng)  # last, so that nothing between here and step 1 draws from it
+        return train_loop(
+            job.model,
+            job.optimizer,
+            job.scheduler,
+            job.data.train,
+            job.collate_fn,
+            job.accelerator,
+            loop_settings(cfg, job.built, show_progress),
+            on_step=job.built.method.on_step,
+            penalty=_penalty(cfg, job.model),
+            on_log=on_log,
+            on_eval=job.evaluator,
+            resume=counters,
+            on_checkpoint=state.save,
+            stop_requested=stop_requested,
+        )
+
+
+def _make_accelerator(seed: int):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(seed)
+    return accelerator
+
+
+def _log_data(data: PreparedData) -> None:
+    rep = data.report
+    log.info(
+        "data: format %s, %d rows read, %d used, dropped %s; %d train / %d validation",
+        rep.format,
+        rep.rows_read,
+        rep.rows_used,
+        rep.dropped or "none",
+        rep.train_size,
+        rep.validation_size,
+    )
+
+
+def _penalty(cfg: RunConfig, model: torch.nn.Module):
+    """train.l1 as a per-step penalty term, or None."""
+    return l1_penalty(model.named_parameters(), cfg.train.l1) if cfg.train.l1 > 0 else None
+
+
+def _resume_checkpoint(cfg: RunConfig, spec: str) -> Checkpoint:
+    """The checkpoint `--resume SPEC` names, read back and verified (every rank reads it)."""
+    return load_checkpoint(find_checkpoint(Path(cfg.output.dir) / "checkpoints", spec))
+
+
+def _checkpointing(
+    cfg: RunConfig, job: _Job, ckpt: Checkpoint | None, allow_change: bool
+) -> tuple[TrainingState, dict[str, Any] | None, dict[str, Any] | None]:
+    """Set up checkpoint saving, and restore `ckpt` when resuming: (state, counters, rng)."""
+    es = cfg.eval.early_stopping
+    metric, mode = (es.metric, es.mode) if es else ("eval_loss", "min")
+    every, evaluator = cfg.eval.every_steps, job.evaluator
+    stateful: dict[str, Any] = {"evaluator": evaluator}
+    if hasattr(job.built.method, "state_dict"):  # e.g. AdaLoRA's rank allocator
+        stateful["method"] = job.built.method
+
+    def score(step: int) -> dict[str, Any] | None:  # the evaluation at this step, if one ran
+        if not (evaluator.active and every and step % every == 0):
+            return None
+        return {"metric": metric, "mode": mode, "value": evaluator.last.get(metric)}
+
+    identity = resume_identity(cfg, job.manifest, job.data, job.built.dtype)
+    return start_checkpointing(
+        Path(cfg.output.dir),
+        ckpt,
+        allow_change=allow_change,
+        keep_last=cfg.checkpoint.keep_last,
+        rank=job.accelerator.process_index,
+        barrier=job.accelerator.wait_for_everyone,
+        model=job.accelerator.unwrap_model(job.model),
+        optimizer=job.optimizer,
+        scheduler=job.scheduler,
+        callbacks=stateful,
+        meta={"identity": identity, "config": cfg.to_dict(), "config_digest": cfg.digest()},
+        score=score,
+    )
+
+
+def _finish(cfg: RunConfig, job: _Job, result: LoopResult) -> dict[str, Any]:
+    """Restore the best weights if early stopping kept them, save the artifact, write the summary."""
+    built, evaluator, run = job.built, job.evaluator, job.run
+    evaluator.restore_best()  # a no-op unless early stopping kept a best state
+    job.accelerator.wait_for_everyone()
+    unwrapped = job.accelerator.unwrap_model(job.model)
+    trainable, total = built.params
+    summary = {
+        "steps": result.steps,
+        "total_steps": built.total_steps,
+        "stopped_early": result.stopped_early,
+        "train_runtime_s": round(result.runtime_s, 3),
+        "train_tokens": result.input_tokens,
+        "loss_tokens": result.train_tokens,
+        "tokens_per_s": round(result.input_tokens / max(result.runtime_s, 1e-9), 2),
+        "peak_memory_mb": round(peak_memory_mb(job.accelerator.device), 1),
+        "train_loss": result.mean_loss,
+        "final_train_loss": result.last_loss,
+        "skipped_steps": result.skipped_steps,  # non-finite steps (train.on_nonfinite: skip)
+        "trainable_params": trainable,
+        "total_params": total,
+        "eval": evaluator.last,
+        "best": evaluator.best(),
+        "method": {"name": cfg.method.name, **built.method.summary(unwrapped)},
+        "artifact": built.method.artifact,
+        "lr_groups": describe_param_groups(job.optimizer),
+    }
+    if run is not None:
+        _save_artifacts(run, built.method, unwrapped, job.tokenizer, built.dtype)
+        run.write_summary(summary)
+    return summary
+
+
+def _save_artifacts(run: RunDir, method: Method, model, tokenizer, dtype: torch.dtype) -> None:
+    target = run.adapter_dir if method.artifact == "adapter" else run.model_dir
+    if method.artifact == "model":
+        # Save in the dtype the model was loaded in, not the fp32 master copies.
+        model = copy.deepcopy(model).to(dtype)
+    method.save(model, str(target))
+    tokenizer.save_pretrained(str(run.tokenizer_dir))
