@@ -10,7 +10,8 @@ import torch
 from tuneforge.cli import main
 from tuneforge.config import build_config
 from tuneforge.errors import ConfigError
-from tuneforge.train.optim import LrRules, build_param_groups, lr_factor
+from tuneforge.methods.param_groups import LrRules, build_param_groups
+from tuneforge.train.optim import lr_factor
 
 from conftest import build_tiny_gpt2, build_tiny_llama
 from helpers import write_run_config, write_toy_messages

@@ -7,10 +7,11 @@ import pytest
 
 from tuneforge.cli import main
 from tuneforge.config import build_config
+from tuneforge.methods import method_names
 from tuneforge.recipes.compare import (
     BEGIN,
-    DEFAULT_SPECS,
     END,
+    default_specs,
     markdown_table,
     parse_spec,
     run_config,
@@ -32,15 +33,12 @@ def test_specs_split_method_and_train_keys():
 def test_every_default_spec_is_a_valid_run(tmp_path):
     base = {"train": {"max_steps": 60, "batch_size": 8}, "method": {"name": "lora", "r": 16}}
     names = set()
-    for spec in DEFAULT_SPECS:
+    for spec in default_specs():
         cfg = build_config(run_config(base, spec, tmp_path / "x", steps=30))
         names.add(cfg.method.name)
         assert cfg.train.max_steps == 30 and cfg.train.batch_size == 8
         assert cfg.eval.every_steps is None and cfg.output.overwrite
-    assert names == {"full", "freeze", "lora", "adalora", "prefix", "prompt", "ptuning"} | {
-        "ia3",
-        "hybrid",
-    }
+    assert names == set(method_names())  # every registered method has a default spec
     # the method section is replaced whole: LoRA's r does not leak into prefix
     assert build_config(run_config(base, "prefix", tmp_path, None)).method.name == "prefix"
 

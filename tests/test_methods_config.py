@@ -12,7 +12,8 @@ from tuneforge.methods import build_method, method_names
 
 from conftest import build_tiny_llama
 
-METHODS = ["adalora", "freeze", "full", "hybrid", "ia3", "lora", "prefix", "prompt", "ptuning"]
+# The methods the docs promise; a registered method beyond these needs no edit here.
+DOCUMENTED = {"adalora", "freeze", "full", "hybrid", "ia3", "lora", "prefix", "prompt", "ptuning"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
@@ -23,9 +24,9 @@ def _method(section: dict):
 
 
 def test_every_method_registers_itself_and_documents_its_keys():
-    assert method_names() == METHODS
+    assert DOCUMENTED <= set(method_names())
     keys = {path for path, _, doc in describe() if path.startswith("method.")}
-    for name in METHODS:
+    for name in method_names():
         assert f"method.name [{name}]" in keys
     for key in ["dora", "rslora", "init", "lora_plus_ratio"]:
         assert f"method.{key} [lora]" in keys and f"method.{key} [hybrid]" in keys

@@ -75,6 +75,14 @@ STEPS, EVAL_EVERY = 12, 4
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
+def test_every_registered_method_is_in_the_matrix():
+    """A new method cannot go untested: the matrix must cover every registered name."""
+    from tuneforge.methods import method_names
+
+    covered = {section["name"] for section, _ in VARIANTS.values()}
+    assert set(method_names()) <= covered, set(method_names()) - covered
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_tokenizer):
     """One saved model directory per architecture, and the toy data."""

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from tuneforge.cli import main
+from tuneforge.config import build_config
 from tuneforge.data.packing import input_token_count, length_grouped, pack_examples
 from tuneforge.data.pipeline import TokenizedExample, collate, prepare_data
+from tuneforge.methods import build_method
 from tuneforge.train.attention import segment_lengths, use_packed_sdpa
 from tuneforge.train.fastpath import keeps_packed_examples_apart, prepare_fast_path
 from tuneforge.train.loop import micro_batch_indices
@@ -103,8 +105,9 @@ def test_packed_examples_do_not_see_each_other():
 
 def test_loop_with_packed_batches_matches_padded(tmp_path, tiny_tokenizer):
     """Six optimizer steps with accumulation, packed vs padded: the same loss curve and counts."""
+    from tuneforge.methods.param_groups import default_param_groups
     from tuneforge.train.loop import LoopSettings, train_loop
-    from tuneforge.train.optim import build_optimizer, build_scheduler, default_param_groups
+    from tuneforge.train.optim import build_optimizer, build_scheduler
 
     path = write_toy_messages(tmp_path / "toy.jsonl", n=24)
     examples = prepare_data(path, None, tiny_tokenizer, max_length=64).train
@@ -187,7 +190,16 @@ def test_prompt_learning_turns_packing_off():
     model = get_peft_model(
         build_tiny_llama(300), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
     )
-    fast = prepare_fast_path(model, autocast=False, packing=True, compile=False, num_threads=None)
+    fast = prepare_fast_path(
+        model,
+        autocast=False,
+        packing=True,
+        compile=False,
+        num_threads=None,
+        positions_aligned=not build_method(
+            build_config({"method": "prompt"}).method
+        ).adds_virtual_tokens,
+    )
     assert not fast.packing and "data.packing" in fast.notes[0]
     lora = _lora_model()
     assert prepare_fast_path(

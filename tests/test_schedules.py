@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from tuneforge.train.optim import build_scheduler, default_param_groups, lr_factor, warmup_steps_for
+from tuneforge.methods.param_groups import default_param_groups
+from tuneforge.train.optim import build_scheduler, lr_factor, warmup_steps_for
 
 
 def test_constant_with_warmup():

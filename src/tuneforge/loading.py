@@ -11,6 +11,9 @@ from pathlib import Path
 
 import torch
 
+from tuneforge.config import options_model
+from tuneforge.errors import RunDirError
+from tuneforge.methods import Method, build_method
 from tuneforge.models import load_model, load_tokenizer, resolve_dtype, resolve_model_dir
 from tuneforge.train.rundir import read_run
 
@@ -57,16 +60,18 @@ def load_run(run_dir: str | Path, dtype: torch.dtype, device: str = "cpu") -> Lo
         raise FileNotFoundError(
             f"{run_dir}/adapter: no adapter_model.safetensors; pickled adapters (.bin) are refused"
         )
-    from peft import PeftModel
-
     base = load_model(base_dir, dtype, trust_remote_code=trust)
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"), is_trainable=False)
-    if model.active_peft_config.is_prompt_learning:
-        # prefix / prompt / P-tuning: peft's generate() misplaces the virtual tokens (#2131)
-        from tuneforge.methods._prompt_runtime import PromptLearningLM
-
-        model = PromptLearningLM(model)
+    model = run_method(config).load(base, str(run_dir / "adapter"))  # the method knows its view
     return Loaded(model.to(device).eval(), tokenizer, "adapter", base_dir)
+
+
+def run_method(config: dict) -> Method:
+    """The method a run was trained with, rebuilt from its resolved config.yaml."""
+    method = config.get("method") or {}
+    try:
+        return build_method(options_model(method["name"]).model_validate(method))
+    except (KeyError, TypeError, ValueError) as err:
+        raise RunDirError(f"config.yaml: the method section cannot be read back ({err})") from None
 
 
 @torch.no_grad()

@@ -38,12 +38,14 @@ class Evaluator:
         scorer: ValidationScorer | None = None,
         for_inference: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
         samples_dir: Path | None = None,
+        positions_aligned: bool = True,
     ) -> None:
         self.model, self.validation, self.collate_fn = model, validation, collate_fn
         self.accelerator, self.batch_size, self.autocast = accelerator, batch_size, autocast
         self.emit, self.stopper, self.scorer = emit, stopper, scorer
         self.monitor = monitor or OverfitMonitor()
         self.for_inference, self.samples_dir = for_inference, samples_dir
+        self.positions_aligned = positions_aligned
         self.best_state: dict[str, torch.Tensor] | None = None
         self.last: dict[str, float] = {}
         self.train_losses: list[float] = []
@@ -110,6 +112,7 @@ class Evaluator:
             self.accelerator,
             self.batch_size,
             self.autocast,
+            self.positions_aligned,
         )
         if self.scorer is not None:
             extra, samples = self.scorer(self.for_inference(self._unwrapped()), self.accelerator)

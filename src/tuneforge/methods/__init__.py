@@ -30,6 +30,12 @@ class Method:
     artifact: ClassVar[str] = "adapter"
     #: True where the saved adapter folds into the base weights (peft `merge_and_unload`).
     mergeable: ClassVar[bool] = False
+    #: True where the method prepends virtual tokens or cache entries (prefix, prompt, P-tuning):
+    #: outputs then do not line up with input positions (no packing, no position-aligned loss).
+    adds_virtual_tokens: ClassVar[bool] = False
+    #: `tuneforge compare`'s default line-up: `key=value[:key=value...]` specs for this method
+    #: (method keys, and `train.KEY` for train keys), each at a rate suited to it.
+    compare_specs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: MethodSection) -> None:
         self.options = options
@@ -49,8 +55,8 @@ class Method:
     def param_groups(
         self, model: torch.nn.Module, lr: float, weight_decay: float, rules: Any = None
     ) -> list[dict[str, Any]]:
-        """Optimizer groups: `rules` (train.optim.LrRules) set layer-wise and per-pattern rates."""
-        from tuneforge.train.optim import build_param_groups
+        """Optimizer groups: `rules` (methods.param_groups.LrRules) set layer-wise and per-pattern rates."""
+        from tuneforge.methods.param_groups import build_param_groups
 
         return build_param_groups(model, lr, weight_decay, rules, scale=self.lr_scale)
 
@@ -63,6 +69,16 @@ class Method:
 
     def save(self, model: torch.nn.Module, path: str) -> None:
         model.save_pretrained(path, safe_serialization=True)
+
+    def load(self, base: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
+        """The saved adapter on `base`, frozen, as evaluation and generation call it.
+
+        Only for `artifact == "adapter"`; a full model is loaded as a plain HF model.
+        """
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+        return self.for_inference(model)
 
     def summary(self, model: torch.nn.Module) -> dict[str, Any]:
         """Method-specific numbers for summary.json."""
@@ -80,6 +96,10 @@ def register(cls: type[Method]) -> type[Method]:
 
 def method_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    return _REGISTRY[name]
 
 
 def build_method(options: MethodSection) -> Method:

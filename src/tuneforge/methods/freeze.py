@@ -45,7 +45,7 @@ class FreezeOptions(MethodSection):
 
 def chosen_layers(n_layers: int, last_n: int, layers: list[int] | None, key: str) -> list[int]:
     """Block indices to train: explicit `layers` (negatives from the end), else the last `last_n`."""
-    from tuneforge.methods._layers import resolve_indices
+    from tuneforge.layout import resolve_indices
 
     if layers is not None:
         return resolve_indices(layers, n_layers, key)
@@ -55,11 +55,12 @@ def chosen_layers(n_layers: int, last_n: int, layers: list[int] | None, key: str
 @register
 class Freeze(Method):
     name = "freeze"
+    compare_specs = ("trainable_layers=4:train.lr=1e-4",)
     Options = FreezeOptions
     artifact = "model"
 
     def apply(self, model):
-        from tuneforge.methods._layers import count_layers, layer_index
+        from tuneforge.layout import count_layers, layer_index
 
         o = self.options
         n_layers = count_layers(model)

@@ -20,6 +20,7 @@ class FullOptions(MethodSection):
 @register
 class Full(Method):
     name = "full"
+    compare_specs = ("train.lr=5e-5",)
     Options = FullOptions
     artifact = "model"
 

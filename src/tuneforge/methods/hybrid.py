@@ -46,7 +46,7 @@ def block_linear_names(model) -> list[str]:
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    from tuneforge.methods._layers import layer_index
+    from tuneforge.layout import layer_index
 
     return sorted(
         {
@@ -60,12 +60,13 @@ def block_linear_names(model) -> list[str]:
 @register
 class Hybrid(Lora):
     name = "hybrid"
+    compare_specs = ("train.lr=2e-4",)
     Options = HybridOptions
 
     def peft_config(self, model):
         from peft import LoraConfig
 
-        from tuneforge.methods._layers import block_list, resolve_indices
+        from tuneforge.layout import block_list, resolve_indices
 
         o = self.options
         container, n_layers = block_list(model)

@@ -47,6 +47,7 @@ def default_targets(model) -> tuple[str, list[str]]:
 @register
 class Ia3(Method):
     name = "ia3"
+    compare_specs = ("train.lr=3e-3",)
     Options = Ia3Options
     mergeable = True
 

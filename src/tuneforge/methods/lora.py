@@ -96,6 +96,12 @@ def _has_conv1d(model) -> bool:
 @register
 class Lora(Method):
     name = "lora"
+    compare_specs = (
+        "train.lr=3e-4",
+        "dora=true:train.lr=3e-4",
+        "init=pissa:train.lr=1e-4",
+        "lora_plus_ratio=16:train.lr=1e-4",
+    )
     Options = LoraOptions
     mergeable = True
 

@@ -31,6 +31,8 @@ class PrefixOptions(MethodSection):
 class PromptLearningMethod(Method):
     """Shared by prefix, prompt and P-tuning: peft builds it; not mergeable into the weights."""
 
+    adds_virtual_tokens = True
+
     def peft_config(self, model) -> Any:
         raise NotImplementedError
 
@@ -59,6 +61,7 @@ def hidden_size(model) -> int:
 @register
 class Prefix(PromptLearningMethod):
     name = "prefix"
+    compare_specs = ("train.lr=1e-2",)
     Options = PrefixOptions
 
     def peft_config(self, model):

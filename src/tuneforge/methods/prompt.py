@@ -51,6 +51,7 @@ _INIT = {"vocab": "SAMPLE_VOCAB", "text": "TEXT", "random": "RANDOM"}
 @register
 class Prompt(PromptLearningMethod):
     name = "prompt"
+    compare_specs = ("train.lr=3e-2",)
     Options = PromptOptions
 
     def peft_config(self, model):
@@ -70,6 +71,7 @@ class Prompt(PromptLearningMethod):
 @register
 class Ptuning(PromptLearningMethod):
     name = "ptuning"
+    compare_specs = ("train.lr=3e-3",)
     Options = PtuningOptions
 
     def peft_config(self, model):

@@ -25,21 +25,14 @@ from tuneforge.errors import ConfigError
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 
-#: The default line-up: every method once, then the LoRA variants, each at a rate suited to it.
-DEFAULT_SPECS = (
-    "full:train.lr=5e-5",
-    "lora:train.lr=3e-4",
-    "prefix:train.lr=1e-2",
-    "prompt:train.lr=3e-2",
-    "ptuning:train.lr=3e-3",
-    "ia3:train.lr=3e-3",
-    "adalora:train.lr=3e-3",  # measured: 5e-4 barely moves it in 30 steps (E starts at zero)
-    "hybrid:train.lr=2e-4",
-    "freeze:trainable_layers=4:train.lr=1e-4",
-    "lora:dora=true:train.lr=3e-4",
-    "lora:init=pissa:train.lr=1e-4",
-    "lora:lora_plus_ratio=16:train.lr=1e-4",
-)
+
+def default_specs() -> list[str]:
+    """Every registered method's own line-up (`Method.compare_specs`), in registry order."""
+    from tuneforge.methods import method_class, method_names
+
+    return [
+        f"{name}:{spec}" for name in method_names() for spec in method_class(name).compare_specs
+    ]
 
 
 def parse_spec(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -182,7 +175,7 @@ class CompareJob:
 
     config: str
     test: str
-    methods: str | None = None  # comma-separated specs; None: DEFAULT_SPECS
+    methods: str | None = None  # comma-separated specs; None: default_specs()
     out: Path = Path("runs/compare")
     doc: Path = Path("docs/methods.md")
     steps: int | None = None
@@ -193,7 +186,7 @@ class CompareJob:
 def run_compare(job: CompareJob) -> int:
     """Train and score every spec (finished ones reused); 1 if any failed, else 0."""
     base = yaml.safe_load(Path(job.config).read_text()) or {}
-    specs = [s.strip() for s in (job.methods.split(",") if job.methods else DEFAULT_SPECS)]
+    specs = [s.strip() for s in (job.methods.split(",") if job.methods else default_specs())]
     for spec in specs:  # every spec must validate before hours of training start
         try:
             build_config(run_config(base, spec, job.out / slug(spec), job.steps))

@@ -18,16 +18,12 @@ from tuneforge.errors import ConfigError
 from tuneforge.evaluation.evaluator import Evaluator
 from tuneforge.evaluation.validation import ValidationScorer
 from tuneforge.methods import Method, build_method
+from tuneforge.methods.param_groups import LrRules
 from tuneforge.models import load_model, load_tokenizer, resolve_dtype, resolve_model_dir
 from tuneforge.train.callbacks import EarlyStopping, OverfitMonitor
 from tuneforge.train.fastpath import FastPath, prepare_fast_path
 from tuneforge.train.loop import LoopSettings, total_steps_for
-from tuneforge.train.optim import (
-    LrRules,
-    build_optimizer,
-    build_scheduler,
-    warmup_steps_for,
-)
+from tuneforge.train.optim import build_optimizer, build_scheduler, warmup_steps_for
 from tuneforge.train.regularize import add_neftune, override_dropout
 
 
@@ -104,6 +100,7 @@ def build_training_model(cfg: RunConfig, model_dir: Path, data, accelerator) -> 
         packing=cfg.data.packing and t.neftune_alpha is None,
         compile=t.compile,
         num_threads=t.num_threads,
+        positions_aligned=not method.adds_virtual_tokens,
     )
     params = count_params(model)
     if t.neftune_alpha is not None:
@@ -179,6 +176,7 @@ def build_evaluator(
         scorer=scorer if scorer is not None and scorer.active else None,
         for_inference=built.method.for_inference,  # the view generation / label scoring use
         samples_dir=samples_dir,
+        positions_aligned=not built.method.adds_virtual_tokens,
     )
 
 
@@ -201,4 +199,5 @@ def loop_settings(cfg: RunConfig, built: TrainingModel, show_progress: bool) -> 
         trace_rows=t.trace_rows,
         loss_chunk_tokens=t.loss_chunk_tokens,
         group_by_length=cfg.data.group_by_length and not built.fast.packing,
+        positions_aligned=not built.method.adds_virtual_tokens,
     )

@@ -36,9 +36,7 @@ from tuneforge.reporting.sinks import open_sinks
 from tuneforge.train.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
 from tuneforge.train.guards import StopSignals
 from tuneforge.train.loop import LoopResult, train_loop
-from tuneforge.train.optim import (
-    describe_param_groups,
-)
+from tuneforge.train.optim import describe_param_groups
 from tuneforge.train.regularize import l1_penalty
 from tuneforge.train.resume import TrainingState, set_rng_state, start_checkpointing
 from tuneforge.train.rundir import RunDir

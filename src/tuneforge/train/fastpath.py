@@ -17,7 +17,6 @@ import torch
 from tuneforge.train.attention import use_packed_sdpa
 from tuneforge.train.dropout import use_fast_dropout
 from tuneforge.train.fused_lora import use_fused_lora
-from tuneforge.train.loss import positions_aligned
 
 log = logging.getLogger("tuneforge")
 
@@ -126,13 +125,14 @@ def prepare_fast_path(
     packing: bool,
     compile: bool,
     num_threads: int | None,
+    positions_aligned: bool = True,
 ) -> FastPath:
     """Apply the speed settings to a model after the method wrapped it, before accelerate does."""
     notes = []
     threads = set_threads(num_threads)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     attention = "tuneforge_sdpa" if use_packed_sdpa(base) else None
-    if packing and not positions_aligned(model):
+    if packing and not positions_aligned:
         packing = False
         notes.append(
             "data.packing: off for this method (it adds virtual tokens, so packed examples "

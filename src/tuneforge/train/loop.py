@@ -44,6 +44,7 @@ class LoopSettings:
     trace_rows: bool = False  # log each step's row sources (file:line) in its record
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # labelled positions per logits chunk (loss.py)
     group_by_length: bool = False  # sort runs of micro-batches by length (less padding)
+    positions_aligned: bool = True  # False for methods that add virtual tokens (loss.py)
 
 
 @dataclass
@@ -233,7 +234,9 @@ def train_loop(
         start=position,
         lengths=[len(e.input_ids) for e in examples] if settings.group_by_length else None,
     )
-    loss_fn = CausalLMLoss(model, settings.loss_chunk_tokens)
+    loss_fn = CausalLMLoss(
+        model, settings.loss_chunk_tokens, positions_aligned=settings.positions_aligned
+    )
     guard = NonFiniteGuard(settings.on_nonfinite, settings.max_bad_steps)
     bar = tqdm(
         total=settings.total_steps,
@@ -354,6 +357,7 @@ def evaluate_loss(
     accelerator: Any,
     batch_size: int,
     autocast_dtype: torch.dtype | None = None,
+    positions_aligned: bool = True,
 ) -> dict[str, float]:
     """Token-weighted validation loss and perplexity, sharded over processes. No logits are kept."""
     was_training = model.training
@@ -364,7 +368,7 @@ def evaluate_loss(
         else nullcontext()
     )
     mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
-    loss_fn = CausalLMLoss(model)
+    loss_fn = CausalLMLoss(model, positions_aligned=positions_aligned)
     total, count = 0.0, 0
     for i in range(0, len(mine), batch_size):
         batch = collate_fn([examples[j] for j in mine[i : i + batch_size]])

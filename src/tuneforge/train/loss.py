@@ -101,20 +101,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def positions_aligned(model: torch.nn.Module) -> bool:
-    """False where the model's outputs do not line up with its input positions.
-
-    peft's prompt-learning methods (prompt, prefix, P-tuning) prepend virtual tokens or cache
-    entries; everything that only changes weights (LoRA family, IA3, full, freeze) keeps positions.
-    """
-    config = getattr(_unwrap(model), "active_peft_config", None)
-    return not getattr(config, "is_prompt_learning", False)
-
-
 def _lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
     """(decoder body, output head) where the fast path computes the same loss, else None."""
-    if not positions_aligned(model):
-        return None
     inner = _unwrap(model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     get_decoder = getattr(base, "get_decoder", None)
@@ -145,11 +133,20 @@ class CausalLMLoss:
     that would not be the same loss use the model's own `labels=` loss instead.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        *,
+        positions_aligned: bool = True,
+    ) -> None:
+        """`positions_aligned=False` for methods that add virtual tokens (prefix, prompt,
+        P-tuning: `Method.adds_virtual_tokens`): their hidden states do not line up with the
+        labels, so the loss comes from the model's own forward."""
         if chunk_tokens < 1:
             raise ValueError(f"train.loss_chunk_tokens: must be at least 1, got {chunk_tokens}")
         self.chunk_tokens = chunk_tokens
-        parts = _lm_parts(model)
+        parts = _lm_parts(model) if positions_aligned else None
         self.fast = parts is not None
         self.decoder, self.head = parts if parts is not None else (None, None)
 

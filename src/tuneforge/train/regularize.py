@@ -34,9 +34,9 @@ def l1_penalty(
     named_params: Iterable[tuple[str, torch.nn.Parameter]], weight: float
 ) -> Callable[[torch.nn.Module], torch.Tensor]:
     """`weight * sum|w|` over the given trainable weights, skipping norms, biases and 1-D tensors."""
-    from tuneforge.train.optim import _no_decay
+    from tuneforge.methods.param_groups import no_decay
 
-    params = [p for n, p in named_params if p.requires_grad and not _no_decay(n, p)]
+    params = [p for n, p in named_params if p.requires_grad and not no_decay(n, p)]
     if not params:
         raise ValueError("train.l1: there are no trainable weight matrices to penalise")
 
