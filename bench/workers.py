@@ -87,7 +87,7 @@ def run_tuneforge(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 def _hf_examples(spec: dict[str, Any], tokenizer) -> list[dict[str, list[int]]]:
     """tuneforge's tokenised rows (same template, same tokens), in tuneforge's step order."""
     from tuneforge.data.pipeline import prepare_data
-    from tuneforge.train.loop import epoch_order
+    from tuneforge.train.order import epoch_order
 
     data = prepare_data(
         spec["train_file"], None, tokenizer, max_length=spec["max_length"], truncation="drop"

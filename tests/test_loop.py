@@ -10,8 +10,9 @@ import torch
 
 from tuneforge.data.pipeline import collate, prepare_data
 from tuneforge.methods.param_groups import default_param_groups
-from tuneforge.train.loop import LoopSettings, epoch_order, micro_batch_indices, train_loop
+from tuneforge.train.loop import LoopSettings, train_loop
 from tuneforge.train.optim import build_optimizer, build_scheduler
+from tuneforge.train.order import epoch_order, micro_batch_indices
 
 from conftest import build_tiny_llama
 from helpers import CpuAccelerator, write_toy_messages

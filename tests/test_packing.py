@@ -13,8 +13,8 @@ from tuneforge.data.pipeline import TokenizedExample, collate, prepare_data
 from tuneforge.methods import build_method
 from tuneforge.train.attention import segment_lengths, use_packed_sdpa
 from tuneforge.train.fastpath import keeps_packed_examples_apart, prepare_fast_path
-from tuneforge.train.loop import micro_batch_indices
 from tuneforge.train.loss import CausalLMLoss
+from tuneforge.train.order import micro_batch_indices
 
 from conftest import build_tiny_gpt2, build_tiny_llama, build_tiny_qwen2
 from helpers import CpuAccelerator, write_run_config, write_toy_messages

@@ -21,7 +21,7 @@ from kill_runner import (
     subprocess_env,
 )
 from tuneforge.train.checkpoint import load_checkpoint
-from tuneforge.train.loop import micro_batch_indices
+from tuneforge.train.order import micro_batch_indices
 
 from helpers import write_run_config, write_toy_messages
 

@@ -22,8 +22,9 @@ from tuneforge.methods.param_groups import LrRules
 from tuneforge.models import load_model, load_tokenizer, resolve_dtype, resolve_model_dir
 from tuneforge.train.callbacks import EarlyStopping, OverfitMonitor
 from tuneforge.train.fastpath import FastPath, prepare_fast_path
-from tuneforge.train.loop import LoopSettings, total_steps_for
+from tuneforge.train.loop import LoopSettings
 from tuneforge.train.optim import build_optimizer, build_scheduler, warmup_steps_for
+from tuneforge.train.order import total_steps_for
 from tuneforge.train.regularize import add_neftune, override_dropout
 
 

@@ -8,7 +8,6 @@ early stopping and what a checkpoint holds are callbacks from the recipe.
 from __future__ import annotations
 
 import math
-import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -19,11 +18,14 @@ import torch
 from tqdm.auto import tqdm
 
 from tuneforge.constants import IGNORE_INDEX
-from tuneforge.data.packing import input_token_count, length_grouped
+from tuneforge.data.packing import input_token_count
+from tuneforge.train.collective import agreed_signal, all_reduce_sum, all_reduce_sums, row_sources
 from tuneforge.train.guards import NonFiniteGuard, nonfinite_parts
 from tuneforge.train.loss import DEFAULT_CHUNK_TOKENS, CausalLMLoss
-
-LENGTH_GROUP_BATCHES = 64  # micro-batches per length-sorted group (train.group_by_length)
+from tuneforge.train.order import (
+    micro_batch_indices,
+    micro_batches_per_epoch,
+)
 
 
 @dataclass
@@ -98,54 +100,6 @@ class LoopResult:
         )
 
 
-def micro_batches_per_epoch(n_examples: int, batch_size: int, world_size: int) -> int:
-    return max(1, math.ceil(n_examples / (batch_size * world_size)))
-
-
-def total_steps_for(
-    n_examples: int, batch_size: int, grad_accum: int, world_size: int, epochs: float
-) -> int:
-    per_epoch = micro_batches_per_epoch(n_examples, batch_size, world_size)
-    return max(1, math.ceil(epochs * per_epoch / grad_accum))
-
-
-def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
-    """The global example order of one epoch: a seeded permutation, the same on every rank."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n_examples, generator=gen).tolist()
-
-
-def micro_batch_indices(
-    n_examples: int,
-    batch_size: int,
-    seed: int,
-    rank: int,
-    world_size: int,
-    start: int = 0,
-    lengths: Sequence[int] | None = None,
-) -> Iterator[tuple[int, list[int]]]:
-    """Endless (epoch, indices) for this rank, from global micro-batch number `start`.
-
-    Each global micro-batch holds batch_size × world_size consecutive examples of the epoch
-    order; rank r takes its slice. A short last batch is filled by wrapping around, so that
-    every rank runs the same number of forward passes. With `lengths`, each run of
-    LENGTH_GROUP_BATCHES global micro-batches is sorted by example length (data/packing.py).
-    """
-    per_epoch = micro_batches_per_epoch(n_examples, batch_size, world_size)
-    span = batch_size * world_size
-    k = start
-    while True:
-        epoch, pos = divmod(k, per_epoch)
-        order = epoch_order(n_examples, seed, epoch)
-        if lengths is not None:
-            order = length_grouped(order, lengths, span * LENGTH_GROUP_BATCHES)
-        chunk = order[pos * span : (pos + 1) * span]
-        if len(chunk) < world_size:  # every rank needs at least one example
-            chunk += order[: world_size - len(chunk)]
-        yield epoch, chunk[rank::world_size]
-        k += 1
-
-
 def _count_labels(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
@@ -159,37 +113,241 @@ def _checkpoint_due(settings: LoopSettings, step: int, micro_batch: int, per_epo
     return settings.checkpoint_at_epoch_end and micro_batch // per_epoch > started // per_epoch
 
 
-def _row_sources(examples: Sequence[Any], rows: list[int], accelerator) -> list[str]:
-    """The step's rows as `file:line`, from every process (rank order)."""
-    mine = [getattr(examples[i], "source", "") or f"#{i}" for i in rows]
-    if accelerator.num_processes == 1:
-        return mine
-    from accelerate.utils import gather_object
+@dataclass
+class _Step:
+    """One optimizer step's inputs and outcome, passed between the loop's pieces."""
 
-    return list(gather_object(mine))
-
-
-def _agreed_signal(accelerator, stop_requested: Callable[[], int] | None) -> int:
-    """A pending stop signal, agreed by all processes so that they stop at the same step."""
-    local = stop_requested() if stop_requested is not None else 0
-    if accelerator.num_processes == 1:
-        return local
-    anyone = _all_reduce_sum(accelerator, 1 if local else 0)
-    return local or (int(signal.SIGTERM) if anyone else 0)
+    index: int  # 0-based optimizer step
+    epoch: int
+    micro: list[dict[str, torch.Tensor]]
+    rows: list[int]
+    global_tokens: float = 0.0
+    global_inputs: float = 0.0
+    loss: float = math.nan
+    grad_norm: float | None = None
+    bad: dict[str, str] = field(default_factory=dict)
+    lr: float = 0.0
 
 
-def _all_reduce_sums(accelerator, *values: float | int) -> list[float]:
-    """Each value summed over all processes, in one collective."""
-    if accelerator.num_processes == 1:
-        return [float(v) for v in values]
-    tensor = torch.tensor(
-        [float(v) for v in values], dtype=torch.float64, device=accelerator.device
+def _gather(source: Iterator, examples: Sequence[Any], collate_fn, settings, index: int) -> _Step:
+    """The step's micro-batches (grad_accum of them) and the example indices they hold."""
+    epoch, micro, rows = 0, [], []
+    for _ in range(settings.grad_accum):
+        epoch, idx = next(source)
+        rows.extend(idx)
+        micro.append(collate_fn([examples[i] for i in idx]))
+    return _Step(index, epoch, micro, rows)
+
+
+def _forward_backward(model, step: _Step, loss_fn, accelerator, autocast, penalty) -> None:
+    """Accumulate the step's gradients; sets the step's global token counts and its loss."""
+    step.global_tokens, step.global_inputs = all_reduce_sums(
+        accelerator,
+        sum(_count_labels(b) for b in step.micro),
+        sum(input_token_count(b) for b in step.micro),
     )
-    return accelerator.reduce(tensor, reduction="sum").tolist()
+    # Each micro-batch's loss is its token-loss sum over the step's global token count, so
+    # accumulation and DDP (which averages gradients over ranks) equal one big batch.
+    scale = accelerator.num_processes
+    step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for i, batch in enumerate(step.micro):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        sync = i == len(step.micro) - 1
+        with nullcontext() if sync else accelerator.no_sync(model), autocast:
+            loss = loss_fn(model, batch, max(step.global_tokens, 1.0))
+        objective = loss * scale
+        if sync and penalty is not None:  # once per step, with the synced micro-batch
+            objective = objective + penalty(model)
+        accelerator.backward(objective)
+        step_loss += loss.detach().double()  # stays on the device: one host sync, below
+    step.loss = all_reduce_sum(accelerator, float(step_loss))
 
 
-def _all_reduce_sum(accelerator, value: float | int) -> float:
-    return _all_reduce_sums(accelerator, value)[0]
+def _apply_update(step: _Step, optimizer, trainable, settings, accelerator) -> None:
+    """Clip, then step the optimizer unless the loss or gradient is non-finite."""
+    # With clipping off the norm is still measured (max_norm inf scales by exactly 1.0).
+    norm = accelerator.clip_grad_norm_(trainable, settings.max_grad_norm or math.inf)
+    step.grad_norm = float(norm) if norm is not None else None  # None: the engine clips itself
+    step.bad = nonfinite_parts(step.loss, step.grad_norm)
+    if not step.bad:  # else no optimizer.step: weights and optimizer state stay bitwise unchanged
+        optimizer.step()
+
+
+def _skip_bad_step(step: _Step, result: LoopResult, guard, examples, accelerator, on_log) -> None:
+    """Count and log a non-finite step; the guard raises when the policy says halt."""
+    result.bad_steps += 1
+    result.skipped_steps += 1
+    sources = row_sources(examples, step.rows, accelerator)
+    if on_log is not None:
+        on_log(guard.record(step.index + 1, step.epoch, step.bad, sources, result.bad_steps))
+    guard.check(step.index + 1, step.bad, sources, result.bad_steps)
+
+
+def _account(result: LoopResult, step: _Step) -> None:
+    result.steps = step.index + 1
+    result.train_tokens += int(step.global_tokens)
+    result.input_tokens += int(step.global_inputs)
+    if not step.bad:
+        result.last_loss = step.loss
+        result.loss_sum, result.loss_steps = result.loss_sum + step.loss, result.loss_steps + 1
+
+
+def _log_record(step: _Step, result: LoopResult, tok_s: float, elapsed: float) -> dict[str, Any]:
+    return {
+        "step": step.index + 1,
+        "epoch": step.epoch,
+        "loss": step.loss,
+        "lr": step.lr,
+        "grad_norm": step.grad_norm,
+        "tokens": result.input_tokens,
+        "loss_tokens": result.train_tokens,
+        "tokens_per_s": tok_s,
+        "elapsed_s": elapsed,
+    }
+
+
+@dataclass
+class LoopHooks:
+    """What the recipe plugs into the loop (all optional); see `train_loop`."""
+
+    on_step: Callable[[torch.nn.Module, int], None] | None = None
+    on_log: Callable[[dict[str, Any]], None] | None = None
+    on_eval: Callable[[int], bool] | None = None
+    penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None
+    on_checkpoint: Callable[[int, dict[str, Any]], Any] | None = None
+    stop_requested: Callable[[], int] | None = None
+
+
+class _Loop:
+    """One training run's loop state; `run()` is the loop, each step in small named pieces."""
+
+    def __init__(
+        self,
+        model,
+        optimizer,
+        scheduler,
+        examples,
+        collate_fn,
+        accelerator,
+        settings,
+        hooks: LoopHooks,
+        resume: dict[str, Any] | None,
+    ) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.examples, self.collate_fn, self.accelerator = examples, collate_fn, accelerator
+        self.settings, self.hooks = settings, hooks
+        self.result = LoopResult.from_counters(resume) if resume else LoopResult()
+        world = accelerator.num_processes
+        self.per_epoch = micro_batches_per_epoch(len(examples), settings.batch_size, world)
+        self.position = int(resume["micro_batch"]) if resume else 0  # global micro-batches used
+        lengths = [len(e.input_ids) for e in examples] if settings.group_by_length else None
+        self.source = micro_batch_indices(
+            len(examples),
+            settings.batch_size,
+            settings.seed,
+            accelerator.process_index,
+            world,
+            start=self.position,
+            lengths=lengths,
+        )
+        self.loss_fn = CausalLMLoss(
+            model, settings.loss_chunk_tokens, positions_aligned=settings.positions_aligned
+        )
+        self.guard = NonFiniteGuard(settings.on_nonfinite, settings.max_bad_steps)
+        self.autocast = _autocast(accelerator, settings.autocast_dtype)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.start = time.perf_counter() - self.result.runtime_s
+
+    def run(self) -> LoopResult:
+        first_step = self.result.steps
+        self.bar = _progress_bar(self.settings, first_step, self.accelerator)
+        self.model.train()
+        for index in range(first_step, self.settings.total_steps):
+            step = self._step(index)
+            self._report(step)
+            if self._after_step(index):
+                break
+        self.bar.close()
+        self.result.runtime_s = time.perf_counter() - self.start
+        self.result.mean_loss = self.result.loss_sum / max(self.result.loss_steps, 1)
+        return self.result
+
+    def _step(self, index: int) -> _Step:
+        """Gather, forward/backward, then update (or skip a non-finite step) and schedule."""
+        step = _gather(self.source, self.examples, self.collate_fn, self.settings, index)
+        self.position += self.settings.grad_accum
+        hooks = self.hooks
+        _forward_backward(
+            self.model, step, self.loss_fn, self.accelerator, self.autocast, hooks.penalty
+        )
+        _apply_update(step, self.optimizer, self.trainable, self.settings, self.accelerator)
+        if step.bad:
+            _skip_bad_step(
+                step, self.result, self.guard, self.examples, self.accelerator, hooks.on_log
+            )
+        else:
+            self.result.bad_steps = 0
+            if hooks.on_step is not None:
+                hooks.on_step(self.model, index)
+        self.optimizer.zero_grad(set_to_none=True)
+        step.lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        _account(self.result, step)
+        return step
+
+    def _report(self, step: _Step) -> None:
+        """The progress bar, and the metrics record when one is due."""
+        elapsed = time.perf_counter() - self.start
+        tok_s = self.result.input_tokens / max(elapsed, 1e-9)  # real (non-padding) tokens
+        self.bar.set_postfix(
+            loss=f"{step.loss:.4f}", lr=f"{step.lr:.2e}", tok_s=f"{tok_s:.0f}", epoch=step.epoch
+        )
+        self.bar.update(1)
+        s = self.settings
+        due = (step.index + 1) % s.log_every_steps == 0 or s.trace_rows
+        if self.hooks.on_log is None or not due or step.bad:
+            return
+        record = _log_record(step, self.result, tok_s, elapsed)
+        if s.trace_rows:
+            record["rows"] = row_sources(self.examples, step.rows, self.accelerator)
+        self.hooks.on_log(record)
+
+    def _after_step(self, index: int) -> bool:
+        """Evaluate, checkpoint and honour a stop signal after a step; True ends the loop."""
+        s, hooks, result = self.settings, self.hooks, self.result
+        last = index + 1 == s.total_steps
+        every = s.eval_every_steps
+        if hooks.on_eval is not None and (last or (every and (index + 1) % every == 0)):
+            if hooks.on_eval(index + 1) and not last:
+                result.stopped_early = True
+                return True
+        signum = agreed_signal(self.accelerator, hooks.stop_requested)
+        due = _checkpoint_due(s, index + 1, self.position, self.per_epoch)
+        if hooks.on_checkpoint is not None and (signum or due):
+            result.runtime_s = time.perf_counter() - self.start
+            hooks.on_checkpoint(index + 1, result.counters(self.position, self.per_epoch))
+            signum = signum or agreed_signal(self.accelerator, hooks.stop_requested)  # mid-save
+        if signum:
+            result.interrupted = signum
+            return True
+        return False
+
+
+def _progress_bar(settings: LoopSettings, first_step: int, accelerator) -> tqdm:
+    return tqdm(
+        total=settings.total_steps,
+        initial=first_step,
+        desc="train",
+        unit="step",
+        disable=not (settings.show_progress and accelerator.is_main_process),
+        dynamic_ncols=True,
+    )
+
+
+def _autocast(accelerator, dtype: torch.dtype | None):
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(accelerator.device.type, dtype=dtype)
 
 
 def train_loop(
@@ -201,152 +359,30 @@ def train_loop(
     accelerator: Any,
     settings: LoopSettings,
     *,
-    on_step: Callable[[torch.nn.Module, int], None] | None = None,
-    on_log: Callable[[dict[str, Any]], None] | None = None,
-    on_eval: Callable[[int], bool] | None = None,
-    penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None,
     resume: dict[str, Any] | None = None,
-    on_checkpoint: Callable[[int, dict[str, Any]], Any] | None = None,
-    stop_requested: Callable[[], int] | None = None,
+    **hooks: Any,
 ) -> LoopResult:
     """Run `settings.total_steps` optimizer steps. `on_eval(step)` returns True to stop early.
 
-    `penalty(model)` (e.g. an L1 term from the method or regulariser) is added to the objective
-    once per optimizer step; it is not part of the logged loss.
-
-    `resume` (a checkpoint's counters) continues from its step and data position;
-    `on_checkpoint(step, counters)` saves after each due step (after evaluation); when
-    `stop_requested()` returns a signal number the loop checkpoints and returns with
-    `result.interrupted` set. A non-finite loss or gradient follows `settings.on_nonfinite`.
+    `hooks` are LoopHooks' fields: `penalty(model)` (e.g. an L1 term) is added to the objective
+    once per optimizer step and is not part of the logged loss; `on_step(model, step)` runs after
+    each optimizer step (before zero_grad). `resume` (a checkpoint's counters) continues from its
+    step and data position; `on_checkpoint(step, counters)` saves after each due step (after
+    evaluation); when `stop_requested()` returns a signal number the loop checkpoints and returns
+    with `result.interrupted` set. A non-finite loss or gradient follows `settings.on_nonfinite`.
     """
-    result = LoopResult.from_counters(resume) if resume else LoopResult()
-    first_step = result.steps
-    per_epoch = micro_batches_per_epoch(
-        len(examples), settings.batch_size, accelerator.num_processes
+    loop = _Loop(
+        model,
+        optimizer,
+        scheduler,
+        examples,
+        collate_fn,
+        accelerator,
+        settings,
+        LoopHooks(**hooks),
+        resume,
     )
-    position = int(resume["micro_batch"]) if resume else 0  # global micro-batches consumed
-    source = micro_batch_indices(
-        len(examples),
-        settings.batch_size,
-        settings.seed,
-        accelerator.process_index,
-        accelerator.num_processes,
-        start=position,
-        lengths=[len(e.input_ids) for e in examples] if settings.group_by_length else None,
-    )
-    loss_fn = CausalLMLoss(
-        model, settings.loss_chunk_tokens, positions_aligned=settings.positions_aligned
-    )
-    guard = NonFiniteGuard(settings.on_nonfinite, settings.max_bad_steps)
-    bar = tqdm(
-        total=settings.total_steps,
-        initial=first_step,
-        desc="train",
-        unit="step",
-        disable=not (settings.show_progress and accelerator.is_main_process),
-        dynamic_ncols=True,
-    )
-    autocast = (
-        torch.autocast(accelerator.device.type, dtype=settings.autocast_dtype)
-        if settings.autocast_dtype is not None
-        else nullcontext()
-    )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    start = time.perf_counter() - result.runtime_s
-    for step in range(first_step, settings.total_steps):
-        epoch, micro, rows = 0, [], []
-        for _ in range(settings.grad_accum):
-            epoch, idx = next(source)
-            rows.extend(idx)
-            micro.append(collate_fn([examples[i] for i in idx]))
-        position += settings.grad_accum
-        global_tokens, global_inputs = _all_reduce_sums(
-            accelerator,
-            sum(_count_labels(b) for b in micro),
-            sum(input_token_count(b) for b in micro),
-        )
-        # Each micro-batch's loss is its token-loss sum over the step's global token count, so
-        # accumulation and DDP (which averages gradients over ranks) equal one big batch.
-        scale = accelerator.num_processes
-        step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        for i, batch in enumerate(micro):
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            sync = i == len(micro) - 1
-            with nullcontext() if sync else accelerator.no_sync(model), autocast:
-                loss = loss_fn(model, batch, max(global_tokens, 1.0))
-            objective = loss * scale
-            if sync and penalty is not None:  # once per step, with the synced micro-batch
-                objective = objective + penalty(model)
-            accelerator.backward(objective)
-            step_loss += loss.detach().double()  # stays on the device: one host sync, below
-        step_loss = _all_reduce_sum(accelerator, float(step_loss))
-        # With clipping off the norm is still measured (max_norm inf scales by exactly 1.0).
-        norm = accelerator.clip_grad_norm_(trainable, settings.max_grad_norm or math.inf)
-        grad_norm = float(norm) if norm is not None else None  # None: the engine clips itself
-        bad = nonfinite_parts(step_loss, grad_norm)
-        if bad:  # no optimizer.step: weights and optimizer state stay bitwise unchanged
-            result.bad_steps += 1
-            result.skipped_steps += 1
-            sources = _row_sources(examples, rows, accelerator)
-            if on_log is not None:
-                on_log(guard.record(step + 1, epoch, bad, sources, result.bad_steps))
-            guard.check(step + 1, bad, sources, result.bad_steps)  # raises when halting
-        else:
-            result.bad_steps = 0
-            optimizer.step()
-            if on_step is not None:
-                on_step(model, step)
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-
-        result.steps = step + 1
-        result.train_tokens += int(global_tokens)
-        result.input_tokens += int(global_inputs)
-        if not bad:
-            result.last_loss = step_loss
-            result.loss_sum, result.loss_steps = result.loss_sum + step_loss, result.loss_steps + 1
-        elapsed = time.perf_counter() - start
-        tok_s = result.input_tokens / max(elapsed, 1e-9)  # real (non-padding) tokens processed
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", epoch=epoch)
-        bar.update(1)
-        due_log = (step + 1) % settings.log_every_steps == 0 or settings.trace_rows
-        if on_log is not None and due_log and not bad:
-            record = {
-                "step": step + 1,
-                "epoch": epoch,
-                "loss": step_loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens": result.input_tokens,
-                "loss_tokens": result.train_tokens,
-                "tokens_per_s": tok_s,
-                "elapsed_s": elapsed,
-            }
-            if settings.trace_rows:
-                record["rows"] = _row_sources(examples, rows, accelerator)
-            on_log(record)
-        last = step + 1 == settings.total_steps
-        every = settings.eval_every_steps
-        if on_eval is not None and (last or (every and (step + 1) % every == 0)):
-            if on_eval(step + 1) and not last:
-                result.stopped_early = True
-                break
-        signum = _agreed_signal(accelerator, stop_requested)
-        if on_checkpoint is not None and (
-            signum or _checkpoint_due(settings, step + 1, position, per_epoch)
-        ):
-            result.runtime_s = time.perf_counter() - start
-            on_checkpoint(step + 1, result.counters(position, per_epoch))
-            signum = signum or _agreed_signal(accelerator, stop_requested)  # came during the save
-        if signum:
-            result.interrupted = signum
-            break
-    bar.close()
-    result.runtime_s = time.perf_counter() - start
-    result.mean_loss = result.loss_sum / max(result.loss_steps, 1)
-    return result
+    return loop.run()
 
 
 @torch.no_grad()
@@ -380,7 +416,7 @@ def evaluate_loss(
             loss = loss_fn(model, batch, float(n))
         total += float(loss) * n
         count += n
-    total, count = _all_reduce_sums(accelerator, total, count)
+    total, count = all_reduce_sums(accelerator, total, count)
     if was_training:
         model.train()
     loss = total / count if count else float("nan")
