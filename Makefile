@@ -27,6 +27,8 @@ quickstart: install
 		--data $(QS_DATA)/test.jsonl --metrics loss,accuracy --output runs/quickstart/eval_compare.json
 
 test: install
+	# The one-way layering (docs/design.md): a back-edge or a foreign _private import fails here.
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q -p no:cacheprovider
 
 test-fast: install
