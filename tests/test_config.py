@@ -51,12 +51,18 @@ def test_overrides_by_dotted_path():
         (
             {},
             ["train.scheduler=cosin"],
-            "train.scheduler: 'cosin' is not one of constant, linear, cosine",
+            "train.scheduler: 'cosin' is not one of constant, linear, cosine, cosine_with_min_lr, "
+            "polynomial",
         ),
         ({"method": {"name": "lora", "rr": 4}}, [], "method.rr: unknown key (did you mean 'r'?)"),
-        ({"method": {"name": "loraa"}}, [], "method.name: 'loraa' is not one of"),
-        ({}, ["data.validation=1.5"], "data.validation"),
-        ({}, ["train.batch_size=0"], "train.batch_size"),
+        (
+            {"method": {"name": "loraa"}},
+            [],
+            "method.name: 'loraa' is not one of adalora, freeze, full, hybrid, ia3, lora, prefix, "
+            "prompt, ptuning (did you mean 'lora'?)",
+        ),
+        ({}, ["data.validation=1.5"], "data.validation: a ratio must be in (0, 1), got 1.5"),
+        ({}, ["train.batch_size=0"], "train.batch_size: Input should be greater than 0"),
         ({}, ["model.dtype=fp16"], "model.dtype: 'fp16' is not one of auto, bf16, fp32"),
         ({"bogus": {}}, [], "bogus: unknown key"),
     ],
@@ -64,7 +70,7 @@ def test_overrides_by_dotted_path():
 def test_bad_values_name_the_key_path(raw, overrides, expected):
     with pytest.raises(ConfigError) as err:
         build_config(raw, overrides)
-    assert expected in str(err.value)
+    assert expected in str(err.value).splitlines()  # the whole line, not a prefix of it
 
 
 def test_several_problems_reported_together():
@@ -112,3 +118,23 @@ def test_config_module_imports_no_torch():
 def test_digest_changes_with_config():
     assert build_config({}).digest() != build_config({}, ["train.lr=0.001"]).digest()
     assert build_config({}).digest() == build_config({}).digest()
+
+
+def test_readme_error_example_is_what_the_cli_prints(capsys):
+    """The README shows a real error message; it must stay the one the CLI prints."""
+    from pathlib import Path
+
+    from tuneforge.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(readme) if line.startswith("$ tuneforge train "))
+    shown = []
+    for line in readme[start + 1 :]:
+        if line.startswith("```"):
+            break
+        shown.append(line)
+    argv = readme[start].split()[2:]
+    argv[1] = str(root / argv[1])
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == shown

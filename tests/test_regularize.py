@@ -28,13 +28,14 @@ def test_l1_value_and_gradient_skip_norms_and_biases():
     assert model[0].bias.grad is None and model[1].weight.grad is None
 
 
-def _train(tmp_path, model_dir, name, **train):
+def _train(tmp_path, model_dir, name, data_keys=None, **train):
     data = write_toy_messages(tmp_path / "train.jsonl", n=32)
     cfg = write_run_config(
         tmp_path / f"{name}.yaml",
         model_dir,
         data,
         tmp_path / name,
+        data=data_keys or {},
         train={"max_steps": 6, **train},
         log={"report": False},
     )
@@ -73,8 +74,13 @@ def test_neftune_noise_only_in_training_and_bounded():
 
 
 def test_neftune_in_a_run_changes_training(tmp_path, tiny_model_dir):
-    plain, _ = _train(tmp_path, tiny_model_dir, "plain")
-    noisy, _ = _train(tmp_path, tiny_model_dir, "neft", neftune_alpha=5.0)
+    # NEFTune turns packing off (its noise scales with the row width), so the plain run is
+    # padded too: the only difference between the two runs is the noise.
+    padded = {"packing": False}
+    plain, _ = _train(tmp_path, tiny_model_dir, "plain", data_keys=padded)
+    noisy, _ = _train(tmp_path, tiny_model_dir, "neft", data_keys=padded, neftune_alpha=5.0)
+    again, _ = _train(tmp_path, tiny_model_dir, "plain2", data_keys=padded)
+    assert again["train_loss"] == plain["train_loss"]  # padded runs are deterministic
     assert noisy["train_loss"] != plain["train_loss"]
     assert abs(noisy["train_loss"] - plain["train_loss"]) < 0.5
 

@@ -81,10 +81,29 @@ def test_plain_peft_load_gives_the_same_logits(lora_run, tiny_model_dir):
     assert not torch.allclose(a, c)
 
 
+def _greedy(loaded, prompt: str, n: int) -> list[int]:
+    """The model's own greedy continuation of the templated prompt, n tokens, no stopping."""
+    from tuneforge.data.templates import render_prompt
+
+    ids = torch.tensor([render_prompt(loaded.tokenizer, [{"role": "user", "content": prompt}])])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, loaded.model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
+    return ids[0, -n:].tolist()
+
+
 def test_generate_uses_template_and_stops_at_eos(lora_run):
     loaded = load_reference(lora_run, dtype="fp32")
+    tok = loaded.tokenizer
+    greedy = _greedy(loaded, "Color of sky?", 12)
+    # Make a greedy token the end-of-sequence token: generation must stop at its first occurrence
+    # and show neither it nor anything after it.
+    k = max(i for i in range(12) if greedy[i] not in greedy[:i])  # its first occurrence
+    tok.eos_token = tok.convert_ids_to_tokens(greedy[k])
     text = generate(loaded, "Color of sky?", max_new_tokens=20)
-    assert isinstance(text, str)
+    assert text == tok.decode(greedy[:k], skip_special_tokens=True)
+    loaded = load_reference(lora_run, dtype="fp32")  # the run's own EOS again
+    text = generate(loaded, "Color of sky?", max_new_tokens=20)
     out = subprocess.run(
         [
             sys.executable,
@@ -105,7 +124,8 @@ def test_generate_uses_template_and_stops_at_eos(lora_run):
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == text.strip()
+    assert out.stdout == text + "\n"  # the answer, ended by a newline, and nothing else
+    assert "Warning" not in out.stderr  # third-party deprecation noise stays out (see -v)
 
 
 def test_full_finetune_saves_a_model(tmp_path, tiny_model_dir):

@@ -7,10 +7,12 @@ others `blocks.N` / `layer.N`), also through peft wrappers. Choosing what to tra
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from tuneforge.errors import ConfigError
+
+if TYPE_CHECKING:  # torch stays out of config-time imports (methods register without it)
+    import torch
 
 BLOCK_CONTAINERS = ("layers", "h", "blocks", "block", "layer")
 _BLOCK_RE = re.compile(r"(?:^|\.)(?:" + "|".join(BLOCK_CONTAINERS) + r")\.(\d+)(?:\.|$)")
@@ -34,6 +36,8 @@ def count_layers(model: torch.nn.Module) -> int:
 
 def block_list(model: torch.nn.Module) -> tuple[str, int]:
     """(qualified name, length) of the model's list of transformer blocks, e.g. ('model.layers', 30)."""
+    import torch
+
     best: tuple[str, int] | None = None
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in BLOCK_CONTAINERS:

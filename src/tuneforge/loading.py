@@ -94,4 +94,7 @@ def generate(
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    new = out[0, ids.shape[1] :].tolist()
+    if tok.eos_token_id in new:  # the end-of-sequence token ends the answer and is not shown
+        new = new[: new.index(tok.eos_token_id)]
+    return tok.decode(new, skip_special_tokens=True)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tuneforge.constants import LR_DIRECTIONS
 from tuneforge.errors import ConfigError
 from tuneforge.layout import EMBEDDING_RE, HEAD_RE, count_layers, layer_index
+
+if TYPE_CHECKING:
+    import torch
 
 
 def no_decay(name: str, param: torch.nn.Parameter) -> bool:
