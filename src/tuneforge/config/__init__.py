@@ -7,6 +7,7 @@ any method: the methods package imports this one, never the reverse.
 
 from tuneforge.config.loader import build_config, describe, load_config, parse_overrides
 from tuneforge.config.sections import (
+    AugmentSection,
     CheckpointSection,
     DataSection,
     EarlyStoppingSection,
@@ -26,6 +27,7 @@ from tuneforge.config.sections import (
 )
 
 __all__ = [
+    "AugmentSection",
     "CheckpointSection",
     "DataSection",
     "EarlyStoppingSection",

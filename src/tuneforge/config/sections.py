@@ -21,6 +21,7 @@ from pydantic import (
 
 from tuneforge.config.messages import format_errors, not_one_of
 from tuneforge.constants import (
+    AUGMENT_OPS,
     DATA_FORMATS,
     EVAL_METRICS,
     GENERATION_METRICS,
@@ -79,6 +80,38 @@ class ModelSection(Section):
     )
 
 
+class AugmentSection(Section):
+    ops: list[str] = Field(
+        default_factory=lambda: list(AUGMENT_OPS),
+        description="EDA transforms: synonym, insert, swap, delete; copy c of a row applies "
+        "ops[c mod len(ops)].",
+    )
+    n: int = Field(4, ge=1, description="Augmented copies made of each training row.")
+    alpha: float = Field(
+        0.1, gt=0.0, le=1.0, description="Strength: the share of a text's words a copy changes."
+    )
+    seed: int | None = Field(None, description="Seed of the copies; null: train.seed.")
+    lang: Literal["auto", "zh", "en"] = Field(
+        "auto",
+        description="Language whose words change (zh: Tongyici Cilin, en: WordNet); auto: "
+        "per text, by script. Set it for prompts that mix an English template with Chinese text.",
+    )
+    targets: bool = Field(
+        False,
+        description="Also change the answers (assistant turns, plain text); labels never change.",
+    )
+
+    @field_validator("ops")
+    @classmethod
+    def _known_ops(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"give at least one of {', '.join(AUGMENT_OPS)}")
+        for name in v:
+            if name not in AUGMENT_OPS:
+                raise ValueError(not_one_of(name, AUGMENT_OPS))
+        return v
+
+
 class DataSection(Section):
     train: str = Field(
         "data/train.jsonl", description="Training file: .jsonl, .json, .csv or .parquet."
@@ -113,6 +146,11 @@ class DataSection(Section):
         False,
         description="Without packing: sort runs of 64 micro-batches by example length, so "
         "that each batch pads little.",
+    )
+    augment: AugmentSection | None = Field(
+        None,
+        description="EDA augmentation of the training split only (after the validation split): "
+        "{ops, n, alpha, seed, lang, targets}; null: off.",
     )
 
     @field_validator("validation")

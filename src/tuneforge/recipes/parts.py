@@ -6,13 +6,15 @@ Recipes (train, cv, meta-train, retrain) and the benchmarks share these; none of
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tuneforge.config import RunConfig
-from tuneforge.data.pipeline import PreparedData, prepare_data
+from tuneforge.augment.rows import AugmentPlan, augment_examples
+from tuneforge.config import AugmentSection, RunConfig
+from tuneforge.data.pipeline import AugmentHook, PreparedData, prepare_data
 from tuneforge.data.templates import apply_template
 from tuneforge.errors import ConfigError
 from tuneforge.evaluation.evaluator import Evaluator
@@ -74,7 +76,26 @@ def prepare_run_data(cfg: RunConfig, tokenizer) -> PreparedData:
         on_bad_row=d.on_bad_row,
         train_on=d.train_on,
         seed=cfg.train.seed,
+        augment=augment_hook(d.augment, cfg.train.seed) if d.augment else None,
     )
+
+
+def augment_hook(section: AugmentSection, default_seed: int) -> AugmentHook:
+    """data.augment as the pipeline's hook: copies of the training split, none of validation."""
+    plan = AugmentPlan(
+        ops=tuple(section.ops),
+        n=section.n,
+        alpha=section.alpha,
+        seed=default_seed if section.seed is None else section.seed,
+        lang=section.lang,
+        targets=section.targets,
+    )
+
+    def hook(train, validation):
+        copies, stats = augment_examples(train, plan, held_out=validation)
+        return copies, {**stats.to_dict(), "plan": dataclasses.asdict(plan)}
+
+    return hook
 
 
 def build_training_model(cfg: RunConfig, model_dir: Path, data, accelerator) -> TrainingModel:
