@@ -182,7 +182,7 @@ def augment_examples(
 
 
 def augment_records(
-    records: Sequence[tuple[str, dict[str, Any]]], fmt: str, plan: AugmentPlan
+    records: Iterable[tuple[str, dict[str, Any]]], fmt: str, plan: AugmentPlan
 ) -> tuple[list[dict[str, Any]], AugmentStats]:
     """New copies of raw rows `(file:line, record)`, each with an `augmented` provenance key."""
     stats, out = AugmentStats(), []

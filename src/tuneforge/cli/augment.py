@@ -1,0 +1,68 @@
+"""`tuneforge augment`, `synthesize` and `meta-train`: more from scarce data.
+
+Argument parsing and printing only; tuneforge.augment and the recipes do the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tuneforge.errors import UsageError
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "augment", help="EDA copies of each row's prompt side (synonym, insert, swap, delete)"
+    )
+    p.add_argument("data", help="a training file (.jsonl, .json, .csv, .parquet)")
+    p.add_argument("--ops", default="synonym,insert,swap,delete", help="comma-separated ops")
+    p.add_argument("--n", type=int, default=4, help="copies per row (copy c applies op c mod k)")
+    p.add_argument("--alpha", type=float, default=0.1, help="share of words a copy changes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--lang", default="auto", help="auto (per text, by script), zh (Cilin) or en (WordNet)"
+    )
+    p.add_argument("--format", default="auto", help="row format (default: detected)")
+    p.add_argument(
+        "--targets", action="store_true", help="also change answers (labels never change)"
+    )
+    p.add_argument("--only-new", action="store_true", help="write the copies without the rows")
+    p.add_argument("--out", required=True, help="output .jsonl (written atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_augment)
+
+
+def cmd_augment(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from tuneforge.augment.rows import AugmentPlan, augment_records
+    from tuneforge.data.formats import load_examples, read_records, write_jsonl
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".jsonl":
+        raise UsageError(f"--out {out}: write a .jsonl file")
+    if out.resolve() == Path(args.data).resolve():
+        raise UsageError(f"--out {out}: is the input file; choose another path")
+    ops = tuple(op.strip() for op in args.ops.split(",") if op.strip())
+    plan = AugmentPlan(ops, args.n, args.alpha, args.seed, args.lang, args.targets)
+    loaded = load_examples(args.data, args.format, "fail")  # every bad row named, file:line
+    if not loaded.examples:
+        raise UsageError(f"{args.data}: the file has no rows")
+    records = [(f"{args.data}:{line}", rec) for line, rec in read_records(args.data)]
+    start = time.perf_counter()
+    bar = tqdm(records, desc="augment", unit="row", disable=args.quiet or len(records) < 2000)
+    copies, stats = augment_records(bar, loaded.format, plan)
+    elapsed = time.perf_counter() - start
+    rows = copies if args.only_new else [rec for _, rec in records] + copies
+    write_jsonl(out, rows)
+    dropped = ", ".join(f"{k} {v}" for k, v in stats.dropped.items()) or "none"
+    print(
+        f"{out}: {len(rows)} rows ({stats.rows} read, {stats.copies} copies: "
+        + ", ".join(f"{k} {v}" for k, v in stats.by_op.items())
+        + f"; dropped {dropped}) in {elapsed:.2f}s, {stats.rows / max(elapsed, 1e-9):.0f} rows/s",
+        file=sys.stdout,
+    )
+    return 0
