@@ -34,6 +34,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_augment)
 
+    p = sub.add_parser(
+        "meta-train", help="Reptile / first-order MAML over tasks: an adapter to start from"
+    )
+    p.add_argument("config", help="a run config with a meta: section")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. meta.shots=8")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="auto|PATH",
+        help="continue from the newest complete checkpoint (auto) or a named one",
+    )
+    p.set_defaults(func=cmd_meta_train)
+
 
 def cmd_augment(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
@@ -65,4 +80,30 @@ def cmd_augment(args: argparse.Namespace) -> int:
         + f"; dropped {dropped}) in {elapsed:.2f}s, {stats.rows / max(elapsed, 1e-9):.0f} rows/s",
         file=sys.stdout,
     )
+    return 0
+
+
+def cmd_meta_train(args: argparse.Namespace) -> int:
+    from tuneforge.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from tuneforge.recipes.meta_train import run_meta_training
+    from tuneforge.train.guards import interrupt_exit_code
+
+    outcome = run_meta_training(cfg, show_progress=not args.quiet, resume=args.resume)
+    if outcome.interrupted:
+        code = interrupt_exit_code(outcome.interrupted)
+        print(
+            f"interrupted (exit {code}); continue with: tuneforge meta-train {args.config} "
+            "--resume auto",
+            file=sys.stderr,
+        )
+        return code
+    print(f"run dir: {outcome.run_dir} (start training from it with method.init_from)")
+    mean = (outcome.summary.get("held_out") or {}).get("mean")
+    if mean:
+        print(
+            f"held-out query loss after adaptation: meta-adapter {mean['meta']:.4f}, "
+            f"fresh adapter {mean['fresh']:.4f}"
+        )
     return 0

@@ -20,7 +20,19 @@ from tuneforge.errors import ConfigError
 from tuneforge.evaluation.evaluator import Evaluator
 from tuneforge.evaluation.validation import ValidationScorer
 from tuneforge.methods import Method, build_method
-from tuneforge.models import load_model, load_tokenizer, resolve_dtype, resolve_model_dir
+from tuneforge.methods.init_from import (
+    adapter_file,
+    load_adapter_weights,
+    recorded_base_fingerprint,
+)
+from tuneforge.methods.lora import MUTATING_INITS
+from tuneforge.models import (
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model_dir,
+    weights_fingerprint,
+)
 from tuneforge.train.callbacks import EarlyStopping, OverfitMonitor
 from tuneforge.train.fastpath import FastPath, prepare_fast_path
 from tuneforge.train.loop import LoopSettings, total_steps_for
@@ -102,6 +114,7 @@ def build_training_model(cfg: RunConfig, model_dir: Path, data, accelerator) -> 
     """Load the base, let the method wrap it, upcast what trains, switch on the fast path."""
     dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
     m, t = cfg.model, cfg.train
+    check_init_from(cfg, model_dir)  # before the model loads
     model = load_model(
         model_dir,
         dtype,
@@ -117,6 +130,8 @@ def build_training_model(cfg: RunConfig, model_dir: Path, data, accelerator) -> 
     method = build_method(cfg.method)
     method.plan(total_steps)  # before apply: AdaLoRA's rank schedule spans the run
     model = method.apply(model)
+    if cfg.method.init_from:
+        load_adapter_weights(model, cfg.method.init_from)
     upcast_trainable(model)
     fast = prepare_fast_path(
         model,
@@ -130,6 +145,30 @@ def build_training_model(cfg: RunConfig, model_dir: Path, data, accelerator) -> 
     if t.neftune_alpha is not None:
         add_neftune(model, t.neftune_alpha)
     return TrainingModel(model, method, dtype, fast, total_steps, params)
+
+
+def check_init_from(cfg: RunConfig, model_dir: Path) -> None:
+    """method.init_from names a finished adapter run of this base model (ConfigError if not)."""
+    source = cfg.method.init_from
+    if not source:
+        return
+    if build_method(cfg.method).artifact != "adapter":
+        raise ConfigError(
+            f"method.init_from: {cfg.method.name} trains the whole model; init_from loads an "
+            "adapter (use model.name to start from a saved full model)"
+        )
+    if getattr(cfg.method, "init", None) in MUTATING_INITS:
+        raise ConfigError(
+            f"method.init_from: method.init {cfg.method.init} rewrites the base weights, so a "
+            "saved adapter would not apply to them; use init: default with init_from"
+        )
+    adapter_file(source)
+    recorded = recorded_base_fingerprint(source)
+    if recorded is not None and recorded != weights_fingerprint(model_dir):
+        raise ConfigError(
+            f"method.init_from: {source} was trained on another base model than model.name "
+            f"{cfg.model.name!r} (weights fingerprint {recorded} != {weights_fingerprint(model_dir)})"
+        )
 
 
 def upcast_trainable(model: torch.nn.Module) -> None:
