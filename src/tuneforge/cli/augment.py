@@ -35,6 +35,30 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_augment)
 
     p = sub.add_parser(
+        "synthesize", help="a model writes new rows from few-shot seeds; filters keep good ones"
+    )
+    p.add_argument("--model", required=True, help="a run directory or a base model")
+    p.add_argument("--seed-data", required=True, help="the seed rows (any row format)")
+    p.add_argument("--n", type=int, required=True, help="rows to keep")
+    p.add_argument("--out", required=True, help="output .jsonl (stats beside it: .stats.json)")
+    p.add_argument("--labels", help="classification: comma-separated labels to write inputs for")
+    p.add_argument("--existing", help="more rows that new ones must not resemble")
+    p.add_argument("--shots", type=int, default=4, help="seeds shown per prompt")
+    p.add_argument("--temperature", type=float, default=0.9)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--similarity", type=float, default=0.7, help="reject at this ROUGE-L to any row"
+    )
+    p.add_argument("--min-chars", type=int, default=5)
+    p.add_argument("--max-chars", type=int, default=1000)
+    p.add_argument("--lang", default="auto", help="auto (the seeds'), zh, en, or any (no check)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser(
         "meta-train", help="Reptile / first-order MAML over tasks: an adapter to start from"
     )
     p.add_argument("config", help="a run config with a meta: section")
@@ -79,6 +103,36 @@ def cmd_augment(args: argparse.Namespace) -> int:
         + ", ".join(f"{k} {v}" for k, v in stats.by_op.items())
         + f"; dropped {dropped}) in {elapsed:.2f}s, {stats.rows / max(elapsed, 1e-9):.0f} rows/s",
         file=sys.stdout,
+    )
+    return 0
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from tuneforge.recipes.synthesize import SynthJob, run_synthesis
+
+    job = SynthJob(
+        model=args.model,
+        seed_data=args.seed_data,
+        n=args.n,
+        out=Path(args.out),
+        labels=[x.strip() for x in args.labels.split(",")] if args.labels else None,
+        existing=args.existing,
+        shots=args.shots,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        max_similarity=args.similarity,
+        min_chars=args.min_chars,
+        max_chars=args.max_chars,
+        lang=args.lang,
+    )
+    stats = run_synthesis(job, show_progress=not args.quiet)
+    print(
+        f"{job.out}: kept {stats['kept']} of {stats['generated']} generated "
+        f"({stats['kept_share']:.0%}; rejected {stats['rejected'] or 'none'}) in "
+        f"{stats['seconds']}s, {stats['generated_rows_per_s']} generated rows/s"
     )
     return 0
 
