@@ -47,11 +47,14 @@ def test_writes_rows_then_copies_deterministically(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("row", BAD.ROWS, ids=[r["id"] for r in BAD.ROWS])
-def test_bad_input(row, tmp_path, capsys):
+def test_bad_input(row, tmp_path, capsys, tiny_model_dir):
     for name, content in row.get("files", {}).items():
         (tmp_path / name).write_text(content)
     before = set(tmp_path.iterdir())
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in row["argv"]]
+    argv = [
+        a.replace("{tmp}", str(tmp_path)).replace("{model}", str(tiny_model_dir))
+        for a in row["argv"]
+    ]
     assert main(argv) == row["exit"]
     err = capsys.readouterr().err
     assert row["stderr"] in err and "Traceback" not in err

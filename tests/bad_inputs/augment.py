@@ -1,5 +1,5 @@
-"""Broken inputs of `tuneforge augment` (issue 19's table): each exits 2 with a one-line reason
-naming the file, row, op or language, and leaves no output file behind."""
+"""Broken inputs of `tuneforge augment`, `synthesize` and `meta-train` (issue 19's table): each
+exits 2 with a one-line reason naming the file, row, op, label or key, and writes no output."""
 
 _GOOD = '{"text": "The happy child reads a good book.", "label": "positive"}\n'
 
@@ -65,5 +65,71 @@ ROWS = [
         "files": {"rows.jsonl": _GOOD},
         "exit": 2,
         "stderr": "--out",
+    },
+    {
+        "id": "synthesize-missing-seed-file",
+        "argv": [
+            "synthesize",
+            "--model",
+            "{model}",
+            "--seed-data",
+            "{tmp}/nope.jsonl",
+            "--n",
+            "2",
+            "--out",
+            "{tmp}/out.jsonl",
+        ],
+        "exit": 2,
+        "stderr": "nope.jsonl: file not found",
+    },
+    {
+        "id": "synthesize-unknown-label",
+        "argv": [
+            "synthesize",
+            "--model",
+            "{model}",
+            "--seed-data",
+            "{tmp}/rows.jsonl",
+            "--n",
+            "2",
+            "--labels",
+            "meh",
+            "--out",
+            "{tmp}/out.jsonl",
+        ],
+        "files": {"rows.jsonl": _GOOD},
+        "exit": 2,
+        "stderr": "--labels: 'meh' is no label of the seeds",
+    },
+    {
+        "id": "synthesize-out-is-the-seed-file",
+        "argv": [
+            "synthesize",
+            "--model",
+            "{model}",
+            "--seed-data",
+            "{tmp}/rows.jsonl",
+            "--n",
+            "2",
+            "--out",
+            "{tmp}/rows.jsonl",
+        ],
+        "files": {"rows.jsonl": _GOOD},
+        "exit": 2,
+        "stderr": "is the seed file",
+    },
+    {
+        "id": "meta-train-without-meta-section",
+        "argv": ["meta-train", "{tmp}/c.yaml"],
+        "files": {"c.yaml": "train: {seed: 0}\n"},
+        "exit": 2,
+        "stderr": "meta: tuneforge meta-train needs a meta: section",
+    },
+    {
+        "id": "meta-train-unknown-algorithm",
+        "argv": ["meta-train", "{tmp}/c.yaml"],
+        "files": {"c.yaml": "meta: {algorithm: maml}\n"},
+        "exit": 2,
+        "stderr": "meta.algorithm",
     },
 ]
