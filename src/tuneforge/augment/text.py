@@ -10,7 +10,9 @@ import logging
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 #: Languages with a thesaurus (the transforms that need synonyms work only in these).
 THESAURUS_LANGS = {"zh": "Tongyici Cilin", "en": "WordNet 3.0"}
@@ -73,12 +75,15 @@ def detect_language(text: str) -> str | None:
     return "zh" if han >= latin_words else "en"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Tokens:
-    """A tokenised text: `parts` joined give the text back; `word[i]` marks the eligible tokens."""
+    """A tokenised text: `parts` joined give the text back; `word[i]` marks the eligible tokens.
 
-    parts: list[str]
-    word: list[bool]
+    Transforms build new Tokens and never change one (tokenize caches them per text).
+    """
+
+    parts: Sequence[str]
+    word: Sequence[bool]
     lang: str
     joiner: str = field(default=" ")  # what separates an inserted word from its neighbours
 
@@ -89,18 +94,19 @@ class Tokens:
         return [i for i, w in enumerate(self.word) if w]
 
 
+@lru_cache(maxsize=4096)  # the N copies of a row tokenise it once
 def tokenize(text: str, lang: str) -> Tokens:
     """Chinese with jieba (only Han tokens are words); English by regex (only Latin words are)."""
     if lang == "zh":
-        parts = _jieba_cut(text)
-        return Tokens(parts, [is_zh_word(p) for p in parts], "zh", joiner="")
-    parts = _REGEX_TOKENS.findall(text)
+        parts = tuple(_jieba_cut(text))
+        return Tokens(parts, tuple(is_zh_word(p) for p in parts), "zh", joiner="")
+    parts = tuple(_REGEX_TOKENS.findall(text))
     if "".join(parts) != text:  # the regex covers every character; guard the invariant anyway
         raise RuntimeError("tokenize: the tokens do not rebuild the text")
     if lang == "en":
-        return Tokens(parts, [is_en_word(p) for p in parts], "en")
+        return Tokens(parts, tuple(is_en_word(p) for p in parts), "en")
     # No thesaurus: swap and delete still work on whitespace-separated words.
-    return Tokens(parts, [bool(re.search(r"\w", p)) for p in parts], lang)
+    return Tokens(parts, tuple(bool(re.search(r"\w", p)) for p in parts), lang)
 
 
 _JIEBA = None
