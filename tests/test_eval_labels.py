@@ -66,7 +66,10 @@ def test_eval_loss_equals_full_logit_loss_in_any_batch_order(tiny_tokenizer):
     from tuneforge.evaluation.runner import loss_metrics
 
     model = build_tiny_llama(len(tiny_tokenizer)).eval()
-    examples = [_with_answer(ex, a) for ex, a in zip(_examples(), ["yes", "no way", "a", "four"])]
+    examples = [
+        _with_answer(ex, a)
+        for ex, a in zip(_examples(), ["yes", "no way", "a", "four"], strict=True)
+    ]
     total, count = 0.0, 0
     with torch.no_grad():
         for ex in examples:

@@ -15,6 +15,8 @@ SCHEDULES = ("constant", "linear", "cosine", "cosine_with_min_lr", "polynomial")
 LR_DIRECTIONS = ("shallow_smaller", "deep_smaller")
 #: data.format: row formats data/formats.py reads ("auto" detects one of these).
 DATA_FORMATS = ("alpaca", "messages", "sharegpt", "text", "classification")
+#: data.augment.ops: the EDA transforms tuneforge.augment registers (a test keeps them in step).
+AUGMENT_OPS = ("synonym", "insert", "swap", "delete")
 
 #: eval.metrics names: loss-based, label log-likelihood, and scores of generated text.
 LOSS_METRICS = ("loss", "perplexity")

@@ -7,12 +7,14 @@ any method: the methods package imports this one, never the reverse.
 
 from tuneforge.config.loader import build_config, describe, load_config, parse_overrides
 from tuneforge.config.sections import (
+    AugmentSection,
     CheckpointSection,
     DataSection,
     EarlyStoppingSection,
     EvalSection,
     LogSection,
     LrGroupSection,
+    MetaSection,
     MethodSection,
     ModelSection,
     OutputSection,
@@ -26,12 +28,14 @@ from tuneforge.config.sections import (
 )
 
 __all__ = [
+    "AugmentSection",
     "CheckpointSection",
     "DataSection",
     "EarlyStoppingSection",
     "EvalSection",
     "LogSection",
     "LrGroupSection",
+    "MetaSection",
     "MethodSection",
     "ModelSection",
     "OutputSection",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,9 @@ class DataReport:
     train_size: int
     validation_size: int
     token_lengths: dict[str, float]
+    # Augmented copies of training rows: counts by op, dropped copies by reason. They are not
+    # rows of the file: rows_read / rows_used / dropped count the file's rows only.
+    augmentation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +65,10 @@ class PreparedData:
     train: list[TokenizedExample]
     validation: list[TokenizedExample]
     report: DataReport
+
+
+#: (train examples, validation examples) -> (new training copies, counts for the report).
+AugmentHook = Callable[[list[Example], list[Example]], tuple[list[Example], dict[str, Any]]]
 
 
 @dataclass
@@ -83,8 +91,12 @@ def prepare_data(
     on_bad_row: str = "fail",
     train_on: str = "assistant",
     seed: int = 0,
+    augment: AugmentHook | None = None,
 ) -> PreparedData:
-    """Load, render and truncate the train file and its validation set (a ratio, a file or none)."""
+    """Load, render and truncate the train file and its validation set (a ratio, a file or none).
+
+    `augment` makes extra copies of the training split only, after the validation split is made.
+    """
     if truncation not in TRUNCATION:
         raise ValueError(f"data.truncation: {truncation!r} is not one of {', '.join(TRUNCATION)}")
     if max_length < 1:
@@ -119,7 +131,33 @@ def prepare_data(
         raise bad_rows_error(
             f"{validation}: no usable validation rows; every row was dropped:", tally.dropped
         )
+    if augment is not None:
+        train = train + _augmented(
+            augment, train_examples, val_examples, tokenizer, report, options
+        )
     return PreparedData(train=train, validation=val, report=report)
+
+
+def _augmented(
+    augment: AugmentHook,
+    train_examples: list[Example],
+    val_examples: list[Example],
+    tokenizer: Any,
+    report: DataReport,
+    options: dict[str, Any],
+) -> list[TokenizedExample]:
+    """Tokenised copies of the training rows; copies that cannot be used are dropped and counted
+    (never fatal: a copy is not a row of the user's file)."""
+    copies, counts = augment(train_examples, val_examples)
+    tally = _Tally()
+    lenient = {**options, "on_bad_row": "skip"}
+    if lenient["truncation"] == "error":
+        lenient["truncation"] = "drop"
+    out = _tokenize_all(copies, tokenizer, tally, **lenient)
+    dropped = Counter(row.kind for row in tally.dropped + tally.fatal)
+    report.augmentation = {**counts, "used": len(out), "dropped_in_tokenizing": dict(dropped)}
+    report.train_size += len(out)
+    return out
 
 
 def split_examples(
@@ -270,6 +308,13 @@ def format_check_report(data: PreparedData, tokenizer: Any) -> str:
         f"split: train {r.train_size}, validation {r.validation_size}",
         f"token lengths: {lengths}",
     ]
+    if r.augmentation:
+        a = r.augmentation
+        lines.insert(
+            4,
+            f"augmented: {a['used']} copies of {a['rows']} training rows in the train split "
+            f"(by op {a['by_op']}; dropped {a['dropped'] or 'none'})",
+        )
     if r.bad_rows:
         lines += [f"dropped rows ({len(r.bad_rows)}):", list_bad_rows(r.bad_rows)]
     if data.train:

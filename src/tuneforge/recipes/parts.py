@@ -6,20 +6,34 @@ Recipes (train, cv, meta-train, retrain) and the benchmarks share these; none of
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tuneforge.config import RunConfig
-from tuneforge.data.pipeline import PreparedData, prepare_data
+from tuneforge.augment.rows import AugmentPlan, augment_examples
+from tuneforge.config import AugmentSection, RunConfig
+from tuneforge.data.pipeline import AugmentHook, PreparedData, prepare_data
 from tuneforge.data.templates import apply_template
 from tuneforge.errors import ConfigError
 from tuneforge.evaluation.evaluator import Evaluator
 from tuneforge.evaluation.validation import ValidationScorer
 from tuneforge.methods import Method, build_method
+from tuneforge.methods.init_from import (
+    adapter_file,
+    load_adapter_weights,
+    recorded_base_fingerprint,
+)
+from tuneforge.methods.lora import MUTATING_INITS
 from tuneforge.methods.param_groups import LrRules
-from tuneforge.models import load_model, load_tokenizer, resolve_dtype, resolve_model_dir
+from tuneforge.models import (
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model_dir,
+    weights_fingerprint,
+)
 from tuneforge.train.callbacks import EarlyStopping, OverfitMonitor
 from tuneforge.train.fastpath import FastPath, prepare_fast_path
 from tuneforge.train.loop import LoopSettings
@@ -71,13 +85,33 @@ def prepare_run_data(cfg: RunConfig, tokenizer) -> PreparedData:
         on_bad_row=d.on_bad_row,
         train_on=d.train_on,
         seed=cfg.train.seed,
+        augment=augment_hook(d.augment, cfg.train.seed) if d.augment else None,
     )
+
+
+def augment_hook(section: AugmentSection, default_seed: int) -> AugmentHook:
+    """data.augment as the pipeline's hook: copies of the training split, none of validation."""
+    plan = AugmentPlan(
+        ops=tuple(section.ops),
+        n=section.n,
+        alpha=section.alpha,
+        seed=default_seed if section.seed is None else section.seed,
+        lang=section.lang,
+        targets=section.targets,
+    )
+
+    def hook(train, validation):
+        copies, stats = augment_examples(train, plan, held_out=validation)
+        return copies, {**stats.to_dict(), "plan": dataclasses.asdict(plan)}
+
+    return hook
 
 
 def build_training_model(cfg: RunConfig, model_dir: Path, data, accelerator) -> TrainingModel:
     """Load the base, let the method wrap it, upcast what trains, switch on the fast path."""
     dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
     m, t = cfg.model, cfg.train
+    check_init_from(cfg, model_dir)  # before the model loads
     model = load_model(
         model_dir,
         dtype,
@@ -93,6 +127,8 @@ def build_training_model(cfg: RunConfig, model_dir: Path, data, accelerator) -> 
     method = build_method(cfg.method)
     method.plan(total_steps)  # before apply: AdaLoRA's rank schedule spans the run
     model = method.apply(model)
+    if cfg.method.init_from:
+        load_adapter_weights(model, cfg.method.init_from)
     upcast_trainable(model)
     fast = prepare_fast_path(
         model,
@@ -107,6 +143,30 @@ def build_training_model(cfg: RunConfig, model_dir: Path, data, accelerator) -> 
     if t.neftune_alpha is not None:
         add_neftune(model, t.neftune_alpha)
     return TrainingModel(model, method, dtype, fast, total_steps, params)
+
+
+def check_init_from(cfg: RunConfig, model_dir: Path) -> None:
+    """method.init_from names a finished adapter run of this base model (ConfigError if not)."""
+    source = cfg.method.init_from
+    if not source:
+        return
+    if build_method(cfg.method).artifact != "adapter":
+        raise ConfigError(
+            f"method.init_from: {cfg.method.name} trains the whole model; init_from loads an "
+            "adapter (use model.name to start from a saved full model)"
+        )
+    if getattr(cfg.method, "init", None) in MUTATING_INITS:
+        raise ConfigError(
+            f"method.init_from: method.init {cfg.method.init} rewrites the base weights, so a "
+            "saved adapter would not apply to them; use init: default with init_from"
+        )
+    adapter_file(source)
+    recorded = recorded_base_fingerprint(source)
+    if recorded is not None and recorded != weights_fingerprint(model_dir):
+        raise ConfigError(
+            f"method.init_from: {source} was trained on another base model than model.name "
+            f"{cfg.model.name!r} (weights fingerprint {recorded} != {weights_fingerprint(model_dir)})"
+        )
 
 
 def upcast_trainable(model: torch.nn.Module) -> None:
