@@ -5,7 +5,11 @@ Writing the 16-bit input is gguf_write.py's job; k-quants are never re-implement
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from tuneforge.errors import ExportError
@@ -48,6 +52,27 @@ def llama_cpp_module():
     return llama_cpp
 
 
+@contextlib.contextmanager
+def native_output_captured() -> Iterator[list[str]]:
+    """Send the C library's stdout/stderr (per-tensor lines) to a file; yields its last lines."""
+    lines: list[str] = []
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            lines.extend(sink.read().decode("utf-8", "replace").splitlines()[-5:])
+
+
 def quantize_gguf(src: Path, dst: Path, quant: str, threads: int | None = None) -> Path:
     """Write `src` (an f16/bf16/f32 GGUF) quantised to `quant` at `dst`."""
     if quant not in QUANT_TYPES:
@@ -56,9 +81,12 @@ def quantize_gguf(src: Path, dst: Path, quant: str, threads: int | None = None) 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[quant])
     params.nthread = threads or max(1, len(os.sched_getaffinity(0)))
-    code = llama_cpp.llama_model_quantize(
-        str(src).encode(), str(dst).encode(), llama_cpp.byref(params)
-    )
+    with native_output_captured() as tail:
+        code = llama_cpp.llama_model_quantize(
+            str(src).encode(), str(dst).encode(), llama_cpp.byref(params)
+        )
     if code != 0 or not dst.is_file():
-        raise ExportError(f"llama.cpp could not quantise {src.name} to {quant} (code {code})")
+        raise ExportError(
+            f"llama.cpp could not quantise {src.name} to {quant} (code {code}): {' / '.join(tail)}"
+        )
     return dst
