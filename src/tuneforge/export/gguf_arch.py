@@ -30,6 +30,10 @@ class Arch:
     add_params: Callable[[Any, dict[str, Any]], None]
     transform: Callable[[str, np.ndarray, dict[str, Any]], np.ndarray]
     tied_output: bool  # the output head is the embedding matrix (no output.weight written)
+    #: The reordering of a weight's output rows alone (what a LoRA B matrix needs).
+    row_order: Callable[[str, np.ndarray, dict[str, Any]], np.ndarray] = staticmethod(
+        lambda name, w, cfg: w
+    )
 
     def tensor_map(self):
         import gguf
@@ -139,4 +143,4 @@ def architecture(cfg: dict[str, Any]) -> Arch:
         if cfg.get("use_sliding_window"):
             raise ExportError("config.json: Qwen2 sliding-window attention is not exported")
         return Arch(hf_name, "qwen2", cfg, _decoder_params, _same, tied)
-    return Arch(hf_name, "llama", cfg, _decoder_params, _llama_transform, tied)
+    return Arch(hf_name, "llama", cfg, _decoder_params, _llama_transform, tied, _llama_transform)

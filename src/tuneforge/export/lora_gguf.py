@@ -75,7 +75,7 @@ def _lora_tensors(arch: Arch, config: dict[str, Any], adapter_dir: Path):
         if target is None or set(pair) != {"A", "B"}:
             raise ExportError(f"{adapter_dir}: LoRA on {module!r} has no llama.cpp equivalent")
         _, scale = module_scale(config, module)
-        b = arch.transform(module + ".weight", pair["B"] * np.float32(scale), arch.config)
+        b = arch.row_order(module + ".weight", pair["B"] * np.float32(scale), arch.config)
         yield target, np.ascontiguousarray(pair["A"]), np.ascontiguousarray(b)
 
 
