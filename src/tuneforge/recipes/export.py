@@ -89,6 +89,7 @@ class _Run:
 
 
 def _read_run(run_dir: Path) -> _Run:
+    """The run's config, method and artefact, checked; the tokenizer is loaded by `_check_job`."""
     config, manifest = read_run(run_dir)
     method = run_method(config)
     cfg = build_config(config)
@@ -104,30 +105,34 @@ def _read_run(run_dir: Path) -> _Run:
             "weights, so it cannot be exported; serve the run directory as it is, or retrain with "
             "method lora, ia3 or full"
         )
-    base_dir = Path(manifest["base_model"]["dir"])
-    if not (base_dir / "config.json").is_file():
-        base_dir = resolve_model_dir(manifest["base_model"]["name"])
     if artifact == "adapter":
         check_adapter_files(run_dir / "adapter")
-    tokenizer = load_tokenizer(run_dir / "tokenizer", cfg.model.trust_remote_code)
-    weights = run_dir / "model" if artifact == "model" else base_dir
-    return _Run(run_dir, cfg, method.name, artifact, base_dir, weights, tokenizer)
+    if not (run_dir / "tokenizer" / "tokenizer_config.json").is_file():
+        raise ExportError(f"{run_dir}/tokenizer: missing; the run directory is incomplete")
+    if artifact == "model":  # a full run holds every weight itself
+        return _Run(run_dir, cfg, method.name, artifact, run_dir / "model", run_dir / "model", None)
+    base_dir = Path(manifest["base_model"]["dir"])
+    if not (base_dir / "config.json").is_file():  # the cache moved: resolve the name again
+        base_dir = resolve_model_dir(manifest["base_model"]["name"])
+    return _Run(run_dir, cfg, method.name, artifact, base_dir, base_dir, None)
 
 
 def _check_job(job: ExportJob, run: _Run) -> None:
-    """Fail on anything the chosen format cannot do, before writing."""
+    """Fail on anything the chosen format cannot do, before writing; loads the tokenizer."""
     if job.fmt not in FORMATS:
         raise ExportError(f"--format: {job.fmt!r} is not one of {', '.join(FORMATS)}")
     if job.fmt != "gguf" and job.quants != [DEFAULT_QUANT]:
         raise ExportError(f"--quant applies to --format gguf only, not {job.fmt}")
+    cfg = read_config(run.weights_dir)
     if job.fmt == "gguf":
-        cfg = read_config(run.weights_dir)
         architecture(cfg)
-        read_vocab(run.tokenizer, run.path / "tokenizer", int(cfg["vocab_size"]))
         if any(q not in FLOAT_TYPES for q in job.quants) or job.recheck:
             llama_cpp_module()
     if job.fmt == "nf4":
         bitsandbytes_ready()
+    run.tokenizer = load_tokenizer(run.path / "tokenizer", run.cfg.model.trust_remote_code)
+    if job.fmt == "gguf":
+        read_vocab(run.tokenizer, run.path / "tokenizer", int(cfg["vocab_size"]))
 
 
 def _held_out(job: ExportJob, cfg: RunConfig) -> tuple[list, str]:
