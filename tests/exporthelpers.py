@@ -18,10 +18,10 @@ from helpers import write_toy_messages
 BUILDERS = {"llama": build_tiny_llama, "qwen2": build_tiny_qwen2, "gpt2": build_tiny_gpt2}
 
 
-def tiny_base(path: Path, tokenizer, arch: str = "llama") -> Path:
+def tiny_base(path: Path, tokenizer, arch: str = "llama", **overrides) -> Path:
     """A saved tiny model of `arch` with the tiny tokenizer (GPT-2 with 1024 positions: the
     transformers GGUF reader sizes GPT-2's position table from its default, not the file)."""
-    extra = {"n_positions": 1024} if arch == "gpt2" else {}
+    extra = {"n_positions": 1024, **overrides} if arch == "gpt2" else overrides
     model = BUILDERS[arch](len(tokenizer), **extra).eval()
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
