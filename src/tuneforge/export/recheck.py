@@ -176,6 +176,7 @@ def recheck(
     return {
         "data": evalset.source,
         "examples": len(evalset.sequences),
+        "dtype": dtype,
         "threads": threads,
         "new_tokens": new_tokens,
         "max_regression": limits,
