@@ -56,7 +56,7 @@ def markdown(rows: list[dict], export_s: dict[str, float]) -> str:
             )
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines += [f"- export to {k}: {v:.1f} s wall" for k, v in export_s.items()]
+    lines += [f"- export + re-check, {k}: {v:.1f} s wall" for k, v in export_s.items()]
     return "\n".join(lines)
 
 
