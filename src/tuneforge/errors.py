@@ -58,6 +58,10 @@ class ResumeRefused(CheckpointError):
     """The run changed since the checkpoint in a way that breaks an exact resume."""
 
 
+class ExportError(TuneforgeError, ValueError):
+    """A run cannot be exported as asked (method, architecture, quant type, files, output dir)."""
+
+
 class NonFiniteError(TuneforgeError, RuntimeError):
     """Training stopped on a non-finite loss or gradient; the message names the step and rows."""
 

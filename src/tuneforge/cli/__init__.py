@@ -18,10 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tuneforge.cli import augment, data, evaluate, settings, train  # noqa: E402  (after the env defaults)
+from tuneforge.cli import augment, data, evaluate, export, settings, train  # noqa: E402  (after the env defaults)
 
 #: Every command group, in the order `tuneforge --help` lists them.
-COMMAND_GROUPS = (train, data, augment, evaluate, settings)
+COMMAND_GROUPS = (train, data, augment, evaluate, export, settings)
 
 log = logging.getLogger("tuneforge")
 
@@ -34,7 +34,8 @@ def _setup_logging(verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|peft|torch)\.")
-    for noisy in ("transformers", "accelerate", "peft", "jieba", "absl", "httpx"):
+    noisy_loggers = ("gguf", "llama-cpp-python")  # the GGUF writer; llama.cpp's native log
+    for noisy in ("transformers", "accelerate", "peft", "jieba", "absl", "httpx", *noisy_loggers):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
