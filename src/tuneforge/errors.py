@@ -58,6 +58,10 @@ class ResumeRefused(CheckpointError):
     """The run changed since the checkpoint in a way that breaks an exact resume."""
 
 
+class ServeError(TuneforgeError, ValueError):
+    """The server cannot serve what was asked (a model, an adapter, a key file, an option)."""
+
+
 class NonFiniteError(TuneforgeError, RuntimeError):
     """Training stopped on a non-finite loss or gradient; the message names the step and rows."""
 
