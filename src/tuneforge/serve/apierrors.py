@@ -39,6 +39,7 @@ class APIError(HTTPException):
     ) -> None:
         super().__init__(status_code=status, detail=message, headers=headers)
         self.message, self.param, self.code = message, param, code
+        self.recorded = False  # True once a ResponseRecord holds this error
 
 
 def error_body(

@@ -67,7 +67,7 @@ def _is_prompt_learning(model: Any) -> bool:
     return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
 
 
-def _adapter_files(run_dir: Path, label: str) -> tuple[Path, dict]:
+def check_adapter_run(run_dir: Path, label: str) -> tuple[Path, dict]:
     """The adapter dir and manifest of a run that can join a shared base, or a ServeError."""
     if not is_run_dir(run_dir):
         raise ServeError(f"{label}: {run_dir} is not a tuneforge run directory")
@@ -269,7 +269,7 @@ class TransformersEngine:
                 f"{label}: the main model is a prompt-learning or full fine-tuning run; it "
                 "serves alone (adapters attach to a base model or to another adapter run)"
             )
-        adapter_dir, manifest = _adapter_files(run_dir, label)
+        adapter_dir, manifest = check_adapter_run(run_dir, label)
         if self._base_fingerprint is None:
             self._base_fingerprint = weights_fingerprint(self._base_dir)
         if manifest["base_model"].get("fingerprint") != self._base_fingerprint:
