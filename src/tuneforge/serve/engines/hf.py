@@ -247,6 +247,7 @@ class TransformersEngine:
         old = self._served.get(target)
         self._served[target] = self._attach(target, path, internal)
         if old is not None and old.adapter is not None:
+            self.model.set_adapter(internal)  # never delete the active adapter (peft warns)
             self.model.delete_adapter(old.adapter)
 
     def _swap_model(self, loaded: Loaded, entry: Served) -> None:
