@@ -62,6 +62,10 @@ class ExportError(TuneforgeError, ValueError):
     """A run cannot be exported as asked (method, architecture, quant type, files, output dir)."""
 
 
+class ServeError(TuneforgeError, ValueError):
+    """The server cannot serve what was asked (a model, an adapter, a key file, an option)."""
+
+
 class NonFiniteError(TuneforgeError, RuntimeError):
     """Training stopped on a non-finite loss or gradient; the message names the step and rows."""
 
