@@ -58,6 +58,14 @@ class ResumeRefused(CheckpointError):
     """The run changed since the checkpoint in a way that breaks an exact resume."""
 
 
+class FeedbackError(TuneforgeError, ValueError):
+    """Feedback or retrain input that cannot be used (a row, a field, an option), named."""
+
+
+class StoreUnavailable(FeedbackError):
+    """The feedback database cannot be reached, is locked or is not a feedback store."""
+
+
 class NonFiniteError(TuneforgeError, RuntimeError):
     """Training stopped on a non-finite loss or gradient; the message names the step and rows."""
 

@@ -1,0 +1,72 @@
+"""Errors in OpenAI's wire format: `{"error": {"message", "type", "param", "code"}}`.
+
+APIError is raised anywhere in a request; app.py installs the handlers that render it (and
+FastAPI's own validation and HTTP errors) in this format.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse
+
+#: OpenAI's error `type` for each status this server returns.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
+
+
+class APIError(HTTPException):
+    """An error the client gets as OpenAI JSON; `param` names the request field at fault."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.message, self.param, self.code = message, param, code
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status, headers=headers)
+
+
+def api_error_response(err: APIError) -> JSONResponse:
+    return error_response(err.status_code, err.message, err.param, err.code, err.headers)
+
+
+def field_path(loc: tuple | list) -> str | None:
+    """`("body", "messages", 0, "role")` -> `messages[0].role`; None for the body as a whole."""
+    out = ""
+    for part in loc:
+        if part in ("body", "query", "path", "header") and not out:
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
