@@ -25,6 +25,7 @@ from tuneforge.serve.apierrors import error_response
 from tuneforge.serve.auth import ApiKeys, require_key
 
 RETRY_AFTER = {"Retry-After": "1"}
+DEFAULT_LIMITS = FeedbackLimits()
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -59,7 +60,7 @@ def feedback_router(
     store: FeedbackStore,
     keys: ApiKeys | None,
     *,
-    limits: FeedbackLimits = FeedbackLimits(),
+    limits: FeedbackLimits = DEFAULT_LIMITS,
     training_texts: Sequence[str] | None = None,
     window_s: float = 7 * 86400,
 ) -> APIRouter:

@@ -108,9 +108,10 @@ def _tags(value: Any, limits: FeedbackLimits) -> list[str]:
 
 
 def parse_feedback(
-    body: Any, limits: FeedbackLimits = FeedbackLimits(), key: str | None = None
+    body: Any, limits: FeedbackLimits | None = None, key: str | None = None
 ) -> FeedbackItem:
     """A FeedbackItem from a decoded JSON object; `key` is an Idempotency-Key header, if sent."""
+    limits = limits or FeedbackLimits()
     if not isinstance(body, dict):
         raise FieldError(400, None, f"the body must be a JSON object, got {_type(body)}")
     unknown = sorted(set(body) - set(FIELDS))
