@@ -74,8 +74,13 @@ def prepare_run_data(cfg: RunConfig, tokenizer) -> PreparedData:
     )
 
 
-def build_training_model(cfg: RunConfig, model_dir: Path, data, accelerator) -> TrainingModel:
-    """Load the base, let the method wrap it, upcast what trains, switch on the fast path."""
+def build_training_model(
+    cfg: RunConfig, model_dir: Path, data, accelerator, init_adapter: Path | None = None
+) -> TrainingModel:
+    """Load the base, let the method wrap it, upcast what trains, switch on the fast path.
+
+    `init_adapter`: a saved adapter of the same method whose weights the run starts from.
+    """
     dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
     m, t = cfg.model, cfg.train
     model = load_model(
@@ -93,6 +98,8 @@ def build_training_model(cfg: RunConfig, model_dir: Path, data, accelerator) -> 
     method = build_method(cfg.method)
     method.plan(total_steps)  # before apply: AdaLoRA's rank schedule spans the run
     model = method.apply(model)
+    if init_adapter is not None:
+        continue_from_adapter(model, Path(init_adapter))
     upcast_trainable(model)
     fast = prepare_fast_path(
         model,
@@ -107,6 +114,23 @@ def build_training_model(cfg: RunConfig, model_dir: Path, data, accelerator) -> 
     if t.neftune_alpha is not None:
         add_neftune(model, t.neftune_alpha)
     return TrainingModel(model, method, dtype, fast, total_steps, params)
+
+
+def continue_from_adapter(model: torch.nn.Module, adapter_dir: Path) -> None:
+    """Copy a saved adapter's weights into the freshly applied one (same method and shapes)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"{adapter_dir}: no adapter_model.safetensors to continue from")
+    state = load_file(str(path))
+    result = set_peft_model_state_dict(model, state)
+    if result.unexpected_keys:
+        raise ConfigError(
+            f"{adapter_dir}: the adapter does not fit this run's method section "
+            f"(e.g. {result.unexpected_keys[0]}); keep the parent run's method settings"
+        )
 
 
 def upcast_trainable(model: torch.nn.Module) -> None:

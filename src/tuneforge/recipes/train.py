@@ -83,11 +83,14 @@ def run_training(
     show_progress: bool = True,
     resume: str | None = None,
     allow_config_change: bool = False,
+    init_adapter: Path | None = None,
 ) -> TrainOutcome:
     """Train according to `cfg` and write the run directory. Returns its path and summary.
 
     `resume` ("auto" or a checkpoint name/path under output.dir/checkpoints) continues a run
     exactly; a missing, corrupt or incompatible checkpoint raises CheckpointError.
+    `init_adapter` starts the method's adapter from saved weights (retrain continues the served
+    adapter this way).
     """
     accelerator = _make_accelerator(cfg.train.seed)
     ckpt = _resume_checkpoint(cfg, resume) if resume else None  # fails before anything loads
@@ -96,7 +99,7 @@ def run_training(
         run = RunDir(cfg.output.dir, overwrite=cfg.output.overwrite, resume=ckpt is not None)
     sinks = open_sinks(run, cfg.log.tensorboard)
     accelerator.wait_for_everyone()
-    job = _prepare(cfg, accelerator, run, sinks)
+    job = _prepare(cfg, accelerator, run, sinks, init_adapter)
     state, counters, rng = _checkpointing(cfg, job, ckpt, allow_config_change)
     if run is not None:
         run.write_config(cfg.to_dict())
@@ -115,14 +118,16 @@ def run_training(
     return TrainOutcome(Path(cfg.output.dir), summary, checkpoint=state.last_saved)
 
 
-def _prepare(cfg: RunConfig, accelerator, run: RunDir | None, sinks: Any) -> _Job:
+def _prepare(
+    cfg: RunConfig, accelerator, run: RunDir | None, sinks: Any, init_adapter: Path | None = None
+) -> _Job:
     """Data, the wrapped model, optimizer and schedule, the evaluator and the manifest."""
     model_dir = resolve_model_dir(cfg.model.name)
     tokenizer = load_run_tokenizer(cfg, model_dir)
     data = prepare_run_data(cfg, tokenizer)
     if accelerator.is_main_process:
         _log_data(data)
-    built = build_training_model(cfg, model_dir, data, accelerator)
+    built = build_training_model(cfg, model_dir, data, accelerator, init_adapter)
     optimizer, scheduler = build_optimizer_and_schedule(cfg, built)
     model, optimizer = accelerator.prepare(built.model, optimizer)
     padded = partial(collate, pad_id=tokenizer.pad_token_id)
