@@ -66,6 +66,14 @@ class ServeError(TuneforgeError, ValueError):
     """The server cannot serve what was asked (a model, an adapter, a key file, an option)."""
 
 
+class FeedbackError(TuneforgeError, ValueError):
+    """Feedback or retrain input that cannot be used (a row, a field, an option), named."""
+
+
+class StoreUnavailable(FeedbackError):
+    """The feedback database cannot be reached, is locked or is not a feedback store."""
+
+
 class NonFiniteError(TuneforgeError, RuntimeError):
     """Training stopped on a non-finite loss or gradient; the message names the step and rows."""
 
