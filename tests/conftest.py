@@ -61,6 +61,30 @@ def build_tiny_tokenizer():
     return fast
 
 
+def build_tiny_base_tokenizer():
+    """A base model's tokenizer: the same byte-level BPE, one special (<|endoftext|> = eos = pad),
+    no chat template, so ChatML's <|im_start|> / <|im_end|> are plain text pieces in it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+
+
 #: Hidden sizes shared by the tiny decoder builders below.
 TINY_DECODER = dict(
     hidden_size=32,

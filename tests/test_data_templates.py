@@ -6,6 +6,7 @@ Uses the tiny ChatML tokenizer from conftest; no model.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 
@@ -137,11 +138,18 @@ def test_alpaca_template_layout(tok):
     assert text == "### Instruction:\nWhat is two plus two?\n\n### Response:\n"
 
 
-def test_template_without_stop_token_warns(tok):
-    with pytest.warns(UserWarning, match="will not learn to stop"):
+def test_template_whose_marker_is_text_trains_it_as_text(tok):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a text marker is supported: generation stops at it
         apply_template(tok, "llama3")  # the tiny tokenizer has no <|eot_id|> token
     ids, labels = render(tok, Example(messages=SINGLE))
     assert trained_runs(tok, ids, labels) == ["Two plus two is four.<|eot_id|>"]
+
+
+def test_template_that_never_ends_a_turn_warns(tok):
+    bare = "{% for m in messages %}{{ m['content'] + ' ' }}{% endfor %}"
+    with pytest.warns(UserWarning, match="will not learn to stop"):
+        apply_template(tok, bare)
 
 
 def test_apply_template_auto_and_errors(tok):

@@ -78,3 +78,7 @@ class NonFiniteError(TuneforgeError, RuntimeError):
     """Training stopped on a non-finite loss or gradient; the message names the step and rows."""
 
     exit_code = NONFINITE_EXIT
+
+
+class PlanError(TuneforgeError, ValueError):
+    """A run is predicted not to fit in memory (or no setting would); the message names the fix."""

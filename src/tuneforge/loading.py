@@ -1,7 +1,8 @@
 """Load what a run produced (base + adapter, or the full model) for evaluation and generation.
 
 A reference is a run directory, a local HF model directory, a .gguf file or a built-in name;
-the tokenizer saved with a run (and so its chat template) is the one used for prompts.
+the tokenizer saved with a run (and so its chat template) is the one used for prompts. Generation
+stops at the template's end of turn, a special token or a text marker (`stopping_criteria`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tuneforge.config import options_model
+from tuneforge.data.templates import apply_template, cut_at_text, end_of_turn, render_prompt
 from tuneforge.errors import RunDirError
 from tuneforge.methods import Method, build_method
 from tuneforge.models import load_model, load_tokenizer, resolve_dtype, resolve_model_dir
@@ -32,14 +35,32 @@ def is_run_dir(ref: str | Path) -> bool:
     return (path / "manifest.json").is_file() and (path / "config.yaml").is_file()
 
 
-def load_reference(ref: str | Path, dtype: str = "auto", device: str = "cpu") -> Loaded:
-    """Load a run directory or a base model reference, in eval mode."""
+def load_reference(
+    ref: str | Path, dtype: str = "auto", device: str = "cpu", *, template: str | None = None
+) -> Loaded:
+    """Load a run directory or a base model reference, in eval mode.
+
+    `template` (a built-in name, a jinja template, or a run's own template text) sets the chat
+    template of a base model's tokenizer; a run always keeps the template it was trained with.
+    """
     torch_dtype = resolve_dtype(dtype, device)
     if not is_run_dir(ref):
         base_dir = resolve_model_dir(str(ref))
+        tokenizer = load_tokenizer(base_dir)
+        if template is not None:
+            apply_template(tokenizer, template)
         model = load_model(base_dir, torch_dtype).to(device).eval()
-        return Loaded(model, load_tokenizer(base_dir), "base", base_dir)
+        return Loaded(model, tokenizer, "base", base_dir)
     return load_run(ref, torch_dtype, device)
+
+
+def run_chat_template(ref: str | Path) -> str | None:
+    """The chat template a run was trained with (None for anything that is not a run dir)."""
+    if not is_run_dir(ref):
+        return None
+    config, _ = read_run(Path(ref))
+    trust = bool(config.get("model", {}).get("trust_remote_code", False))
+    return getattr(load_tokenizer(Path(ref) / "tokenizer", trust), "chat_template", None)
 
 
 def load_run(run_dir: str | Path, dtype: torch.dtype, device: str = "cpu") -> Loaded:
@@ -77,27 +98,61 @@ def run_method(config: dict) -> Method:
         raise RunDirError(f"config.yaml: the method section cannot be read back ({err})") from None
 
 
+class StopAtText(StoppingCriteria):
+    """A generation stopping criterion: a row is done once its generated text holds a marker.
+
+    For end-of-turn markers that are not one token of the vocabulary (ChatML on a base model);
+    only the newest tokens after the prompt are decoded, so a marker in the prompt never counts.
+    """
+
+    def __init__(self, tokenizer, texts: tuple[str, ...] | list[str], prompt_width: int) -> None:
+        self.tokenizer, self.texts, self.prompt_width = tokenizer, tuple(texts), prompt_width
+        # Every token decodes to at least one byte: a marker of n bytes spans at most n + 1 tokens.
+        self.window = max(len(t.encode()) for t in self.texts) + 1
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        start = max(self.prompt_width, input_ids.shape[1] - self.window)
+        tails = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=False)
+        done = [any(t in tail for t in self.texts) for tail in tails]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def stopping_criteria(tokenizer, prompt_width: int, texts=None):
+    """transformers' StoppingCriteriaList for the template's text markers, or None when there
+    are none (special end-of-turn tokens go to `eos_token_id` instead)."""
+    texts = end_of_turn(tokenizer).texts if texts is None else tuple(texts)
+    if not texts:
+        return None
+    return StoppingCriteriaList([StopAtText(tokenizer, texts, prompt_width)])
+
+
+def answer_text(tokenizer, ids: list[int], stop_ids, texts) -> str:
+    """The decoded answer before the first end-of-turn (token or text), never showing it."""
+    for k, token in enumerate(ids):
+        if token in stop_ids:
+            ids = ids[:k]
+            break
+    return cut_at_text(tokenizer.decode(ids, skip_special_tokens=True), texts)
+
+
 @torch.no_grad()
 def generate(
     loaded: Loaded, prompt: str, *, max_new_tokens: int = 128, system: str | None = None
 ) -> str:
-    """Greedy generation with the run's chat template, stopping at EOS."""
-    from tuneforge.data.templates import render_prompt
-
+    """Greedy generation with the run's chat template, stopping at the template's end of turn."""
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]
-    ids = torch.tensor([render_prompt(loaded.tokenizer, messages)])
     tok = loaded.tokenizer
+    ids = torch.tensor([render_prompt(tok, messages)])
+    eot = end_of_turn(tok)
     out = loaded.model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=tok.eos_token_id,
+        eos_token_id=sorted(eot.token_ids),
         pad_token_id=tok.pad_token_id,
+        stopping_criteria=stopping_criteria(tok, ids.shape[1], eot.texts),
     )
-    new = out[0, ids.shape[1] :].tolist()
-    if tok.eos_token_id in new:  # the end-of-sequence token ends the answer and is not shown
-        new = new[: new.index(tok.eos_token_id)]
-    return tok.decode(new, skip_special_tokens=True)
+    return answer_text(tok, out[0, ids.shape[1] :].tolist(), eot.token_ids, eot.texts)

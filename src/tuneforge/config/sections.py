@@ -67,6 +67,11 @@ class ModelSection(Section):
         False,
         description="Run model code shipped with a local checkpoint. Off unless you trust it.",
     )
+    accept_license: bool = Field(
+        False,
+        description="Accept the licence of a built-in model whose terms go beyond an OSI "
+        "licence (`tuneforge models` lists them); needed once, then remembered.",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
     )

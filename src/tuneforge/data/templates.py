@@ -5,7 +5,9 @@ Leaves reading files to formats.py, and truncation, splitting and batching to pi
 
 from __future__ import annotations
 
+import logging
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
@@ -13,6 +15,8 @@ import jinja2
 from tuneforge.constants import IGNORE_INDEX
 from tuneforge.data.formats import Example
 from tuneforge.errors import TemplateError
+
+log = logging.getLogger(__name__)
 
 TRAIN_ON = ("assistant", "all")
 
@@ -66,16 +70,77 @@ def apply_template(tokenizer: Any, template: str | None) -> None:
 
 
 def _warn_if_no_stop_token(tokenizer: Any, template: str) -> None:
-    # A template whose end-of-turn marker is not a special token of this tokenizer trains the
-    # marker as ordinary text pieces: generation would then never stop at eos.
-    ids, labels = render(tokenizer, Example(messages=_PROBE))
-    special = _special_ids(tokenizer)
-    if not any(label in special for label in labels if label != IGNORE_INDEX):
-        warnings.warn(
-            f"chat template {template[:40]!r}: the assistant turn ends with no special token of this "
-            "tokenizer, so the model will not learn to stop; pick the template that matches the model",
-            stacklevel=2,
+    # A marker that is not a special token of this tokenizer (ChatML on a base model) is trained
+    # as ordinary text pieces; generation then stops at the text (end_of_turn). Only a template
+    # whose assistant turn ends with nothing at all leaves the model no way to learn to stop.
+    eot = end_of_turn(tokenizer)
+    if eot.texts:
+        log.info(
+            "chat template: the end-of-turn marker %r is not a token of this vocabulary; it is "
+            "trained as text and generation stops at the text",
+            eot.texts[0],
         )
+        return
+    ids, labels = render(tokenizer, Example(messages=_PROBE))
+    if not any(label in eot.token_ids for label in labels if label != IGNORE_INDEX):
+        warnings.warn(
+            f"chat template {template[:40]!r}: the assistant turn ends with no marker and no "
+            "special token, so the model will not learn to stop; pick a template that ends turns",
+            stacklevel=3,
+        )
+
+
+@dataclass(frozen=True)
+class EndOfTurn:
+    """What ends an assistant turn under a tokenizer's chat template.
+
+    `token_ids`: eos and the special token that closes a turn, where the vocabulary has one;
+    `texts`: the closing marker as text where it is not one token of this vocabulary (ChatML's
+    `<|im_end|>` on a base model's tokenizer). Generation stops at either and shows neither.
+    """
+
+    token_ids: frozenset[int]
+    texts: tuple[str, ...]
+
+
+_SENTINEL = "tuneforge end-of-turn probe"
+
+
+def end_of_turn(tokenizer: Any) -> EndOfTurn:
+    """The end-of-turn marker of the tokenizer's chat template, as token ids and/or text."""
+    ids = {tokenizer.eos_token_id} - {None}
+    marker = _closing_marker(tokenizer)
+    if not marker:
+        return EndOfTurn(frozenset(ids), ())
+    pieces = list(tokenizer(marker, add_special_tokens=False)["input_ids"])
+    if pieces and pieces[0] in _special_ids(tokenizer):
+        return EndOfTurn(frozenset(ids | {pieces[0]}), ())
+    return EndOfTurn(frozenset(ids), (marker,))
+
+
+def stop_sequences(tokenizer: Any) -> list[str]:
+    """End-of-turn markers generation must stop at as text (for llama.cpp's / OpenAI's `stop`)."""
+    return list(end_of_turn(tokenizer).texts)
+
+
+def cut_at_text(text: str, stops: tuple[str, ...] | list[str]) -> str:
+    """`text` before the first occurrence of any stop text (all of it when none occurs)."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _closing_marker(tokenizer: Any) -> str:
+    """What the template writes after an assistant message's content, whitespace stripped."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ""
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
+    try:
+        prompt = _render_text(tokenizer, turns[:1], add_generation_prompt=True)
+        full = _render_text(tokenizer, turns, add_generation_prompt=False)
+    except TemplateError:
+        return ""
+    at = full.find(_SENTINEL, len(prompt) if full.startswith(prompt) else 0)
+    return full[at + len(_SENTINEL) :].strip() if at >= 0 else ""
 
 
 def render(
@@ -117,6 +182,12 @@ def _render_plain_text(tokenizer: Any, text: str) -> tuple[list[int], list[int]]
 
 
 def _render_text(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        names = ", ".join(BUILTIN_TEMPLATES)
+        raise TemplateError(
+            "the tokenizer has no chat template (a base model): set data.template for training, "
+            f"or pass --template to eval / generate (built-ins: {names})"
+        )
     try:
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt

@@ -16,7 +16,8 @@ import torch
 from tuneforge.constants import IGNORE_INDEX
 from tuneforge.data.formats import Example
 from tuneforge.data.pipeline import TokenizedExample
-from tuneforge.data.templates import render, render_prompt
+from tuneforge.data.templates import cut_at_text, end_of_turn, render, render_prompt
+from tuneforge.loading import answer_text, stopping_criteria
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ def items_from_tokenized(
     tokens that close the references (what training taught the model to stop with) plus eos.
     """
     special = set(tokenizer.all_special_ids)
-    stop_ids = {tokenizer.eos_token_id} - {None}
+    eot = end_of_turn(tokenizer)
+    stop_ids = set(eot.token_ids)
     items = []
     for ex in examples:
         span = last_labelled_run(ex.labels)
@@ -60,7 +62,8 @@ def items_from_tokenized(
         if ex.labels[end - 1] in special:
             stop_ids.add(ex.labels[end - 1])
         answer = ex.input_ids[start:end]
-        reference = tokenizer.decode(answer, skip_special_tokens=True).strip()
+        reference = cut_at_text(tokenizer.decode(answer, skip_special_tokens=True), eot.texts)
+        reference = reference.strip()
         items.append(GenItem(list(ex.input_ids[:start]), reference, ex.source))
     return items, stop_ids
 
@@ -118,11 +121,15 @@ def generate_batched(
     max_new_tokens: int,
     batch_size: int,
     autocast_dtype: torch.dtype | None = None,
+    stop_texts: Sequence[str] = (),
+    tokenizer: Any = None,
 ) -> list[list[int]]:
     """Greedy answers (token ids, stop token excluded) for each prompt, in the prompts' order.
 
     Prompts are batched by length (longest first) to waste little on padding; each batch keeps
     only its generated ids, so memory is one batch's KV cache however many prompts there are.
+    A row also stops at any of `stop_texts` (decoded with `tokenizer`); the marker's ids stay in
+    its answer, for `answer_text` to cut.
     """
     from transformers import GenerationConfig
 
@@ -148,11 +155,15 @@ def generate_batched(
         for i in range(0, len(order), batch_size):
             rows = order[i : i + batch_size]
             ids, mask = left_pad([prompts[r] for r in rows], pad_id)
+            stopping = (
+                stopping_criteria(tokenizer, ids.shape[1], stop_texts) if stop_texts else None
+            )
             with autocast:
                 out = model.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
                     generation_config=config,
+                    stopping_criteria=stopping,
                 )
             new = out[:, ids.shape[1] :].tolist()
             for row, generated in zip(rows, new, strict=True):
@@ -172,8 +183,10 @@ def generate_answers(
     batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
 ) -> list[str]:
-    """Decoded greedy answers for `items`, stripped of special tokens and outer whitespace."""
-    stops = set(stop_ids or ()) | ({tokenizer.eos_token_id} - {None})
+    """Decoded greedy answers for `items`, cut at the end of turn (a special token or the
+    template's text marker), stripped of special tokens and outer whitespace."""
+    eot = end_of_turn(tokenizer)
+    stops = set(stop_ids or ()) | ({tokenizer.eos_token_id} - {None}) | eot.token_ids
     ids = generate_batched(
         model,
         [item.prompt_ids for item in items],
@@ -182,5 +195,7 @@ def generate_answers(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         autocast_dtype=autocast_dtype,
+        stop_texts=eot.texts,
+        tokenizer=tokenizer,
     )
-    return [tokenizer.decode(a, skip_special_tokens=True).strip() for a in ids]
+    return [answer_text(tokenizer, a, stops, eot.texts).strip() for a in ids]

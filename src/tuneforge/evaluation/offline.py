@@ -14,18 +14,22 @@ def evaluate_reference(
     metrics: list[str],
     batch_size: int = 8,
     limit: int | None = None,
+    *,
+    template: str | None = None,
     **generation: Any,
 ):
     """Load `ref` (run dir, HF dir, .gguf or built-in name) and evaluate it on `data`.
 
     Text metrics (bleu, chrf, rouge, exact_match) score greedy generations; `generation` holds
-    max_new_tokens, lang and zh_mode for them.
+    max_new_tokens, lang and zh_mode for them. `template` is the chat template of a base model
+    (a run keeps its own): a built-in name, a jinja template, or the template of the run it is
+    compared with, so that both see the same prompts.
     """
     from tuneforge.evaluation.runner import evaluate_file
     from tuneforge.evaluation.validation import TEXT_METRICS, score_file_generations
     from tuneforge.loading import load_reference
 
-    loaded = load_reference(ref)
+    loaded = load_reference(ref, template=template)
     rest = [m for m in metrics if m not in TEXT_METRICS]
     out = evaluate_file(
         loaded.model,

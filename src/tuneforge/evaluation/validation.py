@@ -17,6 +17,7 @@ import torch
 from tuneforge.constants import GENERATION_METRICS as TEXT_METRICS
 from tuneforge.constants import IGNORE_INDEX, LABEL_METRICS
 from tuneforge.data.pipeline import TokenizedExample, collate
+from tuneforge.data.templates import cut_at_text, end_of_turn
 from tuneforge.evaluation.generation import (
     GenItem,
     end_of_turn_ids,
@@ -29,6 +30,7 @@ from tuneforge.evaluation.generation import (
 from tuneforge.evaluation.lang import check_lang, detect_lang
 from tuneforge.evaluation.metrics import classification_report, match_label
 from tuneforge.evaluation.score import META_KEY, score_texts
+from tuneforge.loading import answer_text
 from tuneforge.train.rundir import SAMPLES_FILE
 
 MAX_LABELS = 50
@@ -138,6 +140,7 @@ class ValidationScorer:
         wants_labels = any(m in LABEL_METRICS for m in metrics)
         rows = list(validation[:max_examples] if max_examples else validation)
         self.items, self.stop_ids = items_from_tokenized(rows, tokenizer)
+        self.stop_texts = end_of_turn(tokenizer).texts
         if (generate or wants_labels) and not self.items:
             raise ValueError(
                 "eval.generate / eval.metrics: no validation row has a prompt and an answer "
@@ -192,8 +195,12 @@ class ValidationScorer:
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
             autocast_dtype=self.autocast_dtype,
+            stop_texts=self.stop_texts,
+            tokenizer=self.tokenizer,
         )
-        return [self.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+        return [
+            answer_text(self.tokenizer, a, self.stop_ids, self.stop_texts).strip() for a in answers
+        ]
 
     @torch.no_grad()
     def _pick(self, model, idx: list[int]) -> list[str]:
@@ -235,9 +242,11 @@ def _answer_ids(
 ) -> dict[str, list[int]]:
     """For each label, the token ids of an assistant turn answering it (end-of-turn included)."""
     found: dict[str, list[int]] = {}
+    texts = end_of_turn(tokenizer).texts
     for row in rows:
         start, end = last_labelled_run(row.labels) or (0, 0)
-        text = tokenizer.decode(row.input_ids[start:end], skip_special_tokens=True).strip()
+        text = tokenizer.decode(row.input_ids[start:end], skip_special_tokens=True)
+        text = cut_at_text(text, texts).strip()
         if start and text in labels and text not in found:
             found[text] = list(row.input_ids[start:end])
     return found

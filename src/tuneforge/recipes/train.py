@@ -21,7 +21,7 @@ from tuneforge.data.packing import pack_examples
 from tuneforge.data.pipeline import PreparedData, collate
 from tuneforge.evaluation.evaluator import Evaluator
 from tuneforge.methods import Method
-from tuneforge.models import resolve_model_dir
+from tuneforge.models import check_license, resolve_model_dir
 from tuneforge.recipes.manifest import resume_identity, run_manifest
 from tuneforge.recipes.parts import (
     TrainingModel,
@@ -117,6 +117,7 @@ def run_training(
 
 def _prepare(cfg: RunConfig, accelerator, run: RunDir | None, sinks: Any) -> _Job:
     """Data, the wrapped model, optimizer and schedule, the evaluator and the manifest."""
+    check_license(cfg.model.name, cfg.model.accept_license)
     model_dir = resolve_model_dir(cfg.model.name)
     tokenizer = load_run_tokenizer(cfg, model_dir)
     data = prepare_run_data(cfg, tokenizer)

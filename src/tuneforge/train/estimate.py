@@ -1,0 +1,432 @@
+"""Predict a training run's peak memory and time from the model's config.json numbers and the
+data's token lengths: pure arithmetic on what the loop, loss, fast path and packing really keep.
+
+No weights are loaded and nothing is measured here; the machine's matmul speed and base memory
+come from train/calibrate.py, and reading the config and data is recipes/plan.py's job.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+FP32 = 4
+ADAM_STATES = 2  # AdamW keeps exp_avg and exp_avg_sq, fp32, per trainable parameter
+PY_INT_BYTES = 44  # a tokenised id in a Python list: the int object plus the list's pointer
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The numbers of a decoder-only (Llama-shaped) config.json the estimate needs."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    attention_bias: bool = False
+    model_type: str = "llama"
+
+    @classmethod
+    def from_config(cls, config: dict) -> Architecture:
+        missing = [
+            k
+            for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+            if k not in config
+        ]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}")
+        heads = int(config.get("num_attention_heads", 1))
+        return cls(
+            hidden=int(config["hidden_size"]),
+            intermediate=int(config["intermediate_size"]),
+            layers=int(config["num_hidden_layers"]),
+            heads=heads,
+            kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
+            vocab=int(config["vocab_size"]),
+            tied=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
+            model_type=str(config.get("model_type", "llama")),
+        )
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer of one block."""
+        h, i = self.hidden, self.intermediate
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+
+def parameter_counts(arch: Architecture) -> dict[str, int]:
+    """Parameters by part: embedding, one block, all blocks, final norm, untied head, total."""
+    block = sum(a * b for a, b in arch.linears().values()) + 2 * arch.hidden
+    if arch.attention_bias:
+        block += arch.q_dim + 2 * arch.kv_dim
+    embedding = arch.vocab * arch.hidden
+    head = 0 if arch.tied else embedding
+    blocks = block * arch.layers
+    total = embedding + blocks + arch.hidden + head
+    return {
+        "embedding": embedding,
+        "block": block,
+        "blocks": blocks,
+        "final_norm": arch.hidden,
+        "head": head,
+        "total": total,
+    }
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method trains, in numbers: plain arguments from the method section."""
+
+    name: str
+    r: int = 0  # LoRA rank (LoRA family)
+    targets: tuple[str, ...] = LINEARS  # adapted linears (LoRA family, IA3)
+    dropout: bool = False  # LoRA dropout on: a 1-byte mask per adapted input element
+    trainable_layers: int = 0  # freeze: how many of the last blocks train
+    head_trainable: bool = False  # freeze: trainable_modules reach the embedding / head
+    virtual_tokens: int = 0  # prefix / prompt / P-tuning
+    projection_hidden: int = 0  # prefix projection MLP width (0: none)
+
+    @property
+    def prompt_learning(self) -> bool:
+        return self.name in ("prefix", "prompt", "ptuning")
+
+    @property
+    def lora_like(self) -> bool:
+        return self.name in ("lora", "adalora", "hybrid")
+
+
+def method_spec(options: dict, arch: Architecture) -> MethodSpec:
+    """A MethodSpec from a method section's values (unknown methods estimate as LoRA)."""
+    name = options.get("name", "lora")
+    targets = options.get("target_modules", "all-linear")
+    if isinstance(targets, str):
+        targets = LINEARS if targets == "all-linear" else (targets,)
+    chosen = tuple(t for t in LINEARS if any(re.search(p, t) for p in targets)) or LINEARS
+    layers = options.get("layers")
+    trainable_layers = len(layers) if layers else int(options.get("trainable_layers", 2))
+    head = any(
+        re.search(p, n) for p in options.get("trainable_modules", []) for n in ("lm_head", "embed")
+    )
+    projection = options.get("projection", False) or name == "ptuning"
+    return MethodSpec(
+        name=name,
+        r=int(options.get("r", options.get("init_r", 8)) or 0),
+        targets=chosen,
+        dropout=float(options.get("dropout", 0.0) or 0.0) > 0,
+        trainable_layers=min(trainable_layers, arch.layers),
+        head_trainable=head,
+        virtual_tokens=int(options.get("num_virtual_tokens", 0) or 0),
+        projection_hidden=(options.get("encoder_hidden_size") or arch.hidden) if projection else 0,
+    )
+
+
+def trainable_parameters(arch: Architecture, method: MethodSpec) -> int:
+    """How many parameters the method trains."""
+    counts = parameter_counts(arch)
+    linears = arch.linears()
+    if method.name == "full":
+        return counts["total"]
+    if method.name == "freeze":
+        extra = counts["embedding"] + counts["head"] if method.head_trainable else 0
+        return method.trainable_layers * counts["block"] + extra
+    if method.name == "ia3":
+        per = sum(linears[t][1] if t != "down_proj" else linears[t][0] for t in method.targets)
+        return per * arch.layers
+    if method.prompt_learning:
+        table = method.virtual_tokens * arch.hidden
+        if method.name == "prefix":
+            table = method.virtual_tokens * arch.layers * 2 * arch.hidden
+        mlp = 0
+        if method.projection_hidden:
+            out = arch.layers * 2 * arch.hidden if method.name == "prefix" else arch.hidden
+            mlp = arch.hidden * method.projection_hidden + method.projection_hidden
+            mlp += method.projection_hidden * out + out
+        return table + mlp
+    per_block = sum(method.r * (linears[t][0] + linears[t][1]) for t in method.targets)
+    return per_block * arch.layers
+
+
+#: A micro-batch as the estimate sees it: (input tokens, labelled tokens) per example.
+Batch = Sequence[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """How the run feeds the model: micro-batches of the real data, and the loop's settings."""
+
+    batches: Sequence[Batch]  # the micro-batches of one epoch, in the loop's order
+    grad_accum: int = 1
+    packing: bool = True
+    loss_chunk_tokens: int = 512
+    gradient_checkpointing: bool = False
+    weight_bytes: int = FP32  # the load dtype: 4 fp32, 2 bf16
+    total_micro_batches: int = 0  # of the whole run (0: one epoch)
+    dataset_tokens: int = 0  # input + label ids held in memory by the tokenised data
+
+    def tokens(self, batch: Batch) -> int:
+        """Positions the model runs: packed, the examples' sum; padded, rows x the longest."""
+        if self.packing:
+            return sum(n for n, _ in batch)
+        return len(batch) * max(n for n, _ in batch)
+
+
+def _block_saved(
+    arch: Architecture, method: MethodSpec, trainable: bool, packed: bool = True
+) -> tuple[int, int]:
+    """(fp32 elements, mask bytes) autograd keeps per token in one block on the gradient path.
+
+    Counted from what each op saves (tests/test_plan.py checks it against saved-tensor hooks):
+    RMSNorm keeps its input and rsqrt, plus its output when its weight trains; a linear keeps
+    its input when its weight trains or a LoRA branch reads it; RoPE keeps nothing per token;
+    SDPA keeps q, k, v, its output and the log-sum-exp, with k and v repeated to every query
+    head when a padding mask sends it off the packed kernel; SwiGLU keeps gate, up and silu.
+    """
+    h, i, q = arch.hidden, arch.intermediate, arch.q_dim
+    kv = arch.kv_dim if packed else q
+    if trainable:  # every weight trains: every linear input and both norm outputs are kept
+        return 2 * (3 * h + 1) + 3 * q + 2 * kv + arch.heads + 4 * i, 0
+    adapted = set(method.targets) if method.lora_like else set()
+    elements = 2 * (h + 1) + 2 * q + 2 * kv + arch.heads + 3 * i
+    elements += h if adapted & {"q_proj", "k_proj", "v_proj"} else 0
+    elements += q if "o_proj" in adapted else 0
+    elements += h if adapted & {"gate_proj", "up_proj"} else 0
+    elements += i if "down_proj" in adapted else 0
+    elements += method.r * len(adapted)
+    linears = arch.linears()
+    masks = sum(linears[t][0] for t in adapted) if method.dropout else 0
+    return elements, masks
+
+
+def _path_layers(arch: Architecture, method: MethodSpec) -> tuple[int, int]:
+    """(blocks on the gradient path, of which fully trainable)."""
+    if method.name == "full":
+        return arch.layers, arch.layers
+    if method.name == "freeze":
+        layers = arch.layers if method.head_trainable else method.trainable_layers
+        return layers, method.trainable_layers
+    return arch.layers, 0
+
+
+def _mask_path_extra(arch: Architecture, method: MethodSpec, work: Workload, batch: Batch) -> int:
+    """Per block, bytes a padded batch adds: the fp32 T x (T + P) attention mask of each row,
+    and for prefix tuning the virtual keys and values joined to every row's cache."""
+    width = max(n for n, _ in batch)
+    virtual = method.virtual_tokens if method.prompt_learning else 0
+    if method.name != "prefix":
+        width += virtual
+    per_row = width * (width + (virtual if method.name == "prefix" else 0))
+    if method.name == "prefix":
+        per_row += 3 * virtual * arch.q_dim
+    return len(batch) * per_row * FP32
+
+
+def activation_bytes(arch: Architecture, method: MethodSpec, work: Workload, batch: Batch) -> int:
+    """Bytes autograd keeps through one micro-batch's forward (the decoder blocks)."""
+    packed = work.packing and not method.prompt_learning
+    tokens = work.tokens(batch) if packed else len(batch) * max(n for n, _ in batch)
+    if method.name in ("prompt", "ptuning"):  # virtual tokens are rows of the input
+        tokens += method.virtual_tokens * len(batch)
+    on_path, trainable = _path_layers(arch, method)
+    full_elements, _ = _block_saved(arch, method, True, packed)
+    elements, masks = _block_saved(arch, method, False, packed)
+    extra = 0 if packed else _mask_path_extra(arch, method, work, batch)
+    if work.gradient_checkpointing:  # each block keeps its input; one block is recomputed
+        one = max(full_elements, elements) * FP32 + masks
+        return tokens * (on_path * arch.hidden * FP32 + one) + extra
+    frozen = on_path - trainable
+    per_token = trainable * full_elements * FP32 + frozen * (elements * FP32 + masks)
+    norm = (3 if method.name == "full" else 1) * arch.hidden + 1  # the final norm
+    copies = _lora_weight_copies(arch, method) if method.lora_like and frozen else 0
+    return tokens * (per_token + norm * FP32) + on_path * extra + copies
+
+
+def _lora_weight_copies(arch: Architecture, method: MethodSpec) -> int:
+    """The fused LoRA branch keeps a scaled copy of A per call (train/fused_lora.py)."""
+    linears = arch.linears()
+    return arch.layers * sum(method.r * linears[t][0] for t in method.targets) * FP32
+
+
+def head_trains(method: MethodSpec, arch: Architecture) -> bool:
+    return method.name == "full" or (method.name == "freeze" and method.head_trainable)
+
+
+def loss_bytes(arch: Architecture, method: MethodSpec, work: Workload, batch: Batch) -> int:
+    """The chunked loss (train/loss.py): the gradient for the labelled hidden states it keeps,
+    the head's fp32 gradient when the head trains, and one chunk of fp32 logits at a time."""
+    labelled = sum(n for _, n in batch)
+    kept = labelled * arch.hidden * FP32
+    if head_trains(method, arch):
+        kept += arch.vocab * arch.hidden * FP32
+    chunk = min(work.loss_chunk_tokens, max(labelled, 1)) * arch.vocab * FP32
+    return kept + chunk
+
+
+def _working_bytes(arch: Architecture, tokens: int) -> int:
+    """Backward's transient gradients for one block (MLP and hidden-state sized)."""
+    return tokens * (3 * arch.intermediate + 4 * arch.hidden) * FP32
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted peak memory, its parts (bytes) and which one is the largest."""
+
+    items: dict[str, int]
+    peak_bytes: int
+    when: str  # "training" or "loading"
+    peak_batch: Batch = field(default_factory=tuple)
+
+    @property
+    def biggest(self) -> str:
+        return max(self.items, key=self.items.__getitem__)
+
+
+def memory_plan(
+    arch: Architecture, method: MethodSpec, work: Workload, base_bytes: int = 0
+) -> MemoryPlan:
+    """Peak resident memory of a training run: the larger of loading and the worst step.
+
+    A step holds the weights (trainable ones as fp32 master copies), AdamW's two fp32 states,
+    and, through forward and backward, the activations of its largest micro-batch plus the
+    loss's part. Gradients live from backward to zero_grad: with accumulation they add to the
+    next micro-batch's activations; without, backward frees activations block by block as it
+    fills gradients, so only their excess over the activations (plus one block's) adds.
+    """
+    counts = parameter_counts(arch)
+    trainable = trainable_parameters(arch, method)
+    frozen = counts["total"] - (0 if method.prompt_learning else trainable)
+    weights = frozen * work.weight_bytes + trainable * FP32
+    grads = trainable * FP32
+
+    def step_bytes(batch: Batch) -> int:
+        return activation_bytes(arch, method, work, batch) + loss_bytes(arch, method, work, batch)
+
+    worst = max(work.batches, key=step_bytes)
+    acts = activation_bytes(arch, method, work, worst)
+    loss = loss_bytes(arch, method, work, worst)
+    working = _working_bytes(arch, work.tokens(worst))
+    if work.grad_accum > 1:
+        grads_added = grads
+    else:
+        grads_added = max(0, grads - acts - loss) + min(grads, counts["block"] * FP32)
+    items = {
+        "base process": base_bytes,
+        "tokenised data": work.dataset_tokens * PY_INT_BYTES,
+        "weights": weights,
+        "optimizer state": ADAM_STATES * trainable * FP32,
+        "gradients": grads_added,
+        "activations": acts,
+        "loss": loss,
+        "backward working set": working,
+    }
+    training = sum(items.values())
+    # Loading a checkpoint stored in bf16 into fp32 holds the stored copy while converting.
+    stored = counts["total"] * 2 if work.weight_bytes == FP32 else 0
+    loading = base_bytes + items["tokenised data"] + weights + stored
+    if loading > training:
+        keep = ("base process", "tokenised data", "weights")
+        items = {k: v for k, v in items.items() if k in keep} | {"bf16 copy while loading": stored}
+        return MemoryPlan(items, loading, "loading", tuple(worst))
+    return MemoryPlan(items, training, "training", tuple(worst))
+
+
+@dataclass(frozen=True)
+class Machine:
+    """This machine's speeds (train/calibrate.py measures them)."""
+
+    matmul_flops: float  # FLOP/s of a matmul at the model's shapes, in the compute dtype
+    bandwidth: float  # bytes/s of a large elementwise pass
+    op_overhead_s: float = 1.5e-3  # dispatch per block and micro-batch, forward plus backward
+
+
+def micro_batch_flops(
+    arch: Architecture, method: MethodSpec, work: Workload, batch: Batch
+) -> float:
+    """Matmul FLOPs of one micro-batch's forward and backward (the loss's head included).
+
+    Forward: 2 x tokens x each block's linear weights, causal attention 2 n^2 x q_dim per
+    block and example, the head at labelled positions only. Backward: input gradients through
+    every block on the gradient path (the forward's cost again), weight gradients for trainable
+    blocks (once more), flash attention's backward at 2.5x its forward; checkpointing reruns
+    the forward of the blocks on the path.
+    """
+    linears = arch.linears()
+    block_linear = 2 * sum(a * b for a, b in linears.values())
+    packed = work.packing and not method.prompt_learning
+    tokens = work.tokens(batch) if packed else len(batch) * max(n for n, _ in batch)
+    virtual = method.virtual_tokens if method.prompt_learning else 0
+    attention = sum(2 * (n + virtual) ** 2 * arch.q_dim for n, _ in batch)
+    labelled = sum(n for _, n in batch)
+    forward_block = tokens * block_linear + attention
+    on_path, trainable = _path_layers(arch, method)
+    backward = on_path * (tokens * block_linear + 2.5 * attention)
+    backward += trainable * tokens * block_linear
+    if method.lora_like:
+        lora = 2 * method.r * sum(linears[t][0] + linears[t][1] for t in method.targets)
+        backward += on_path * tokens * lora * 3
+    head = 2 * labelled * arch.vocab * arch.hidden
+    head_passes = 3 if head_trains(method, arch) else 2  # logits, grad of hidden, grad of head
+    recompute = on_path * forward_block if work.gradient_checkpointing else 0
+    return arch.layers * forward_block + backward + head * head_passes + recompute
+
+
+@dataclass
+class TimePlan:
+    step_s: float
+    steps_per_epoch: int
+    total_steps: int
+    flops_per_step: float
+
+    @property
+    def epoch_s(self) -> float:
+        return self.step_s * self.steps_per_epoch
+
+    @property
+    def total_s(self) -> float:
+        return self.step_s * self.total_steps
+
+
+def time_plan(arch: Architecture, method: MethodSpec, work: Workload, machine: Machine) -> TimePlan:
+    """Seconds per optimizer step (the epoch's average micro-batch x grad_accum), per epoch and
+    for the run: matmul FLOPs at the measured rate, elementwise traffic (activations written,
+    read back and their gradients: 4 passes) at the measured bandwidth, the optimizer's pass
+    over trainable weights, and a fixed dispatch cost per block."""
+    n = len(work.batches)
+    flops = sum(micro_batch_flops(arch, method, work, b) for b in work.batches) / n
+    acts = sum(activation_bytes(arch, method, work, b) for b in work.batches) / n
+    micro_s = flops / machine.matmul_flops + 4 * acts / machine.bandwidth
+    micro_s += arch.layers * machine.op_overhead_s
+    optimizer_s = 9 * trainable_parameters(arch, method) * FP32 / machine.bandwidth
+    step_s = work.grad_accum * micro_s + optimizer_s
+    per_epoch = max(1, math.ceil(n / work.grad_accum))
+    total_micro = work.total_micro_batches or n
+    total_steps = max(1, math.ceil(total_micro / work.grad_accum))
+    return TimePlan(step_s, per_epoch, total_steps, flops * work.grad_accum)
+
+
+def with_changes(work: Workload, **changes) -> Workload:
+    """A copy of the workload with some settings changed (for the --memory suggestions)."""
+    return replace(work, **changes)
