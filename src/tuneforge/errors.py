@@ -62,3 +62,7 @@ class NonFiniteError(TuneforgeError, RuntimeError):
     """Training stopped on a non-finite loss or gradient; the message names the step and rows."""
 
     exit_code = NONFINITE_EXIT
+
+
+class OutputError(TuneforgeError):
+    """An output cannot be written: the disk is full, the directory is read-only or not ours."""

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.models import load_model, load_tokenizer, resolve_dtype, resolve_model_dir
+from tuneforge.errors import ModelError, RunDirError
+from tuneforge.models import (
+    check_safetensors,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model_dir,
+)
 from tuneforge.train.rundir import read_run
 
 
@@ -41,32 +48,52 @@ def load_reference(ref: str | Path, dtype: str = "auto", device: str = "cpu") ->
 def load_run(run_dir: str | Path, dtype: torch.dtype, device: str = "cpu") -> Loaded:
     run_dir = Path(run_dir)
     config, manifest = read_run(run_dir)
-    trust = bool(config.get("model", {}).get("trust_remote_code", False))
+    model_section = config.get("model")
+    trust = isinstance(model_section, dict) and model_section.get("trust_remote_code") is True
     tokenizer = load_tokenizer(run_dir / "tokenizer", trust)
-    base_dir = Path(manifest["base_model"]["dir"])
-    if not (base_dir / "config.json").is_file():  # cache moved: resolve the name again
-        base_dir = resolve_model_dir(manifest["base_model"]["name"])
     if (run_dir / "model" / "config.json").is_file():
         model = load_model(run_dir / "model", dtype, trust_remote_code=trust)
-        return Loaded(model.to(device).eval(), tokenizer, "model", base_dir)
-    if not (run_dir / "adapter" / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"{run_dir}: neither adapter/ nor model/ found; did the run finish?"
+        return Loaded(model.to(device).eval(), tokenizer, "model", _base_dir(run_dir, manifest))
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise RunDirError(
+            f"{run_dir}: neither adapter/ nor model/ found; did the run finish? "
+            "(continue it with tuneforge train CONFIG --resume auto)"
         )
-    if not (run_dir / "adapter" / "adapter_model.safetensors").is_file():  # R8: no pickle
-        raise FileNotFoundError(
-            f"{run_dir}/adapter: no adapter_model.safetensors; pickled adapters (.bin) are refused"
+    if not (adapter / "adapter_model.safetensors").is_file():  # R8: no pickle
+        raise RunDirError(
+            f"{adapter}: no adapter_model.safetensors; pickled adapters (.bin) are refused"
         )
+    check_safetensors(adapter / "adapter_model.safetensors")
     from peft import PeftModel
 
+    base_dir = _base_dir(run_dir, manifest)
     base = load_model(base_dir, dtype, trust_remote_code=trust)
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"), is_trainable=False)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelError(
+            f"{adapter}: does not fit the base model {base_dir} ({first}); was it trained on "
+            "another model? Point manifest.json's base_model at the model it was trained on"
+        ) from err
     if model.active_peft_config.is_prompt_learning:
         # prefix / prompt / P-tuning: peft's generate() misplaces the virtual tokens (#2131)
         from tuneforge.methods._prompt_runtime import PromptLearningLM
 
         model = PromptLearningLM(model)
     return Loaded(model.to(device).eval(), tokenizer, "adapter", base_dir)
+
+
+def _base_dir(run_dir: Path, manifest: dict) -> Path:
+    """The base model a run was trained on, from its manifest (resolved again if the cache moved)."""
+    base = manifest.get("base_model")
+    if not isinstance(base, dict) or not isinstance(base.get("dir"), str):
+        raise RunDirError(f"{run_dir}/manifest.json: no base_model.dir; the manifest is damaged")
+    base_dir = Path(base["dir"])
+    if not (base_dir / "config.json").is_file():  # cache moved: resolve the name again
+        base_dir = resolve_model_dir(str(base.get("name", base_dir)))
+    return base_dir
 
 
 @torch.no_grad()
