@@ -72,7 +72,8 @@ def load_run(run_dir: str | Path, dtype: torch.dtype, device: str = "cpu") -> Lo
     try:
         model = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
     except (RuntimeError, ValueError, KeyError, OSError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        lines = [line.strip() for line in str(err).strip().splitlines()] or [type(err).__name__]
+        first = next((line for line in lines if "mismatch" in line), lines[0])
         raise ModelError(
             f"{adapter}: does not fit the base model {base_dir} ({first}); was it trained on "
             "another model? Point manifest.json's base_model at the model it was trained on"

@@ -134,7 +134,7 @@ def resolve_model_dir(name: str) -> Path:
     else:
         path = Path(name).expanduser()
         if (path / "config.json").is_file():
-            read_model_config(path)
+            check_model_dir(path)
             return path
         known = ", ".join(BUILTIN_MODELS)
         raise ModelError(
@@ -234,10 +234,23 @@ def read_model_config(model_dir: Path) -> dict:
     return config
 
 
+def check_model_dir(model_dir: Path) -> None:
+    """Refuse a base model directory that lacks a readable config of a known architecture,
+    complete weights or a tokenizer (a directory with its own model code, `auto_map`, is
+    checked at load time, where trust_remote_code is known)."""
+    _check_architecture(model_dir, read_model_config(model_dir), trust_remote_code=True)
+    _check_weights(model_dir)
+    check_tokenizer_files(model_dir)
+
+
 def check_model_files(model_dir: Path, trust_remote_code: bool = False) -> None:
     """Refuse a directory without a known causal-LM architecture or complete safetensors weights."""
     config = read_model_config(model_dir)
     _check_architecture(model_dir, config, trust_remote_code)
+    _check_weights(model_dir)
+
+
+def _check_weights(model_dir: Path) -> None:
     weights = sorted(model_dir.glob("*.safetensors"))
     if not weights:  # R8: never unpickle .bin / .pt weights
         raise ModelError(

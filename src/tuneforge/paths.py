@@ -159,3 +159,17 @@ def _swap_in(tmp: Path, path: Path) -> None:
             os.replace(old, path)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_path(path: str | Path, flag: str) -> Path:
+    """Refuse an output file path that cannot be created (a file where a directory must be, or
+    a directory where the file must be) before any work is done; `flag` names the argument."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{flag} {path}: is a directory; give a file path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{flag} {path}: {parent} is a file, not a directory")
+            break
+    return path

@@ -9,7 +9,7 @@ import argparse
 import json
 
 from tuneforge.constants import EVAL_METRICS, GENERATION_METRICS
-from tuneforge.paths import write_json_atomic
+from tuneforge.paths import check_output_path, write_json_atomic
 
 
 def positive_int(text: str) -> int:
@@ -91,6 +91,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tuneforge.reporting.tables import compare_table
 
     metrics = parse_metric_list(args.metrics, EVAL_METRICS)
+    if args.output:
+        check_output_path(args.output, "--output")
     gen = {"max_new_tokens": args.max_new_tokens, "lang": args.lang, "zh_mode": args.zh_rouge}
     rows = {}
     if args.compare:

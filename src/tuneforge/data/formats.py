@@ -144,7 +144,10 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
         raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
     if not isinstance(data, list):
         kind = _type_name(data)
-        raise DataError(f"{path}: expected a JSON array of objects (or JSON Lines), got a {kind}")
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise DataError(
+            f"{path}: expected a JSON array of objects (or JSON Lines), got {article} {kind}"
+        )
     yield from enumerate(data, start=1)
 
 

@@ -50,7 +50,7 @@ def parse_spec(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
     train: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ValueError(f"--methods: {spec!r}: {pair!r} must look like key=value")
+            raise ConfigError(f"{pair!r} must look like key=value")
         key, raw = pair.split("=", 1)
         value = yaml.safe_load(raw)
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
