@@ -8,18 +8,18 @@ from bad_inputs import TOY_JSONL, TOY_LABELS, run_config
 CFG = "{tmp}/run.yaml"
 VALID = {"run.yaml": run_config(data={"train": "{tmp}/train.jsonl", "validation": 0.25}),
          "train.jsonl": TOY_JSONL, "test.jsonl": TOY_LABELS}  # fmt: skip
-ARGS = ["--out", "{tmp}/cmp", "--doc", "{tmp}/cmp.md"]
+ARGS = ["--out", "{tmp}/cmp", "--doc", "{tmp}/cmp.md", "--methods", "lora"]
 
 ROWS = [
     {"id": "compare-test-file-missing", "argv": ["compare", CFG, "--test", "{tmp}/none.jsonl", *ARGS],
      "files": VALID, "stderr": "{tmp}/none.jsonl: file not found"},
     {"id": "compare-test-file-json-object", "argv": ["compare", CFG, "--test", "{tmp}/t.json", *ARGS],
      "files": {**VALID, "t.json": "{}"}, "stderr": "{tmp}/t.json: expected a JSON array"},
-    {"id": "compare-unknown-method", "argv": ["compare", CFG, "--test", "{tmp}/test.jsonl", "--methods", "bogus", *ARGS],
+    {"id": "compare-unknown-method", "argv": ["compare", CFG, "--test", "{tmp}/test.jsonl", *ARGS, "--methods", "bogus"],
      "files": VALID, "stderr": "--methods bogus: method.name: 'bogus' is not one of"},
-    {"id": "compare-method-key-wrong-type", "argv": ["compare", CFG, "--test", "{tmp}/test.jsonl", "--methods", "lora:r=x", *ARGS],
+    {"id": "compare-method-key-wrong-type", "argv": ["compare", CFG, "--test", "{tmp}/test.jsonl", *ARGS, "--methods", "lora:r=x"],
      "files": VALID, "stderr": "--methods lora:r=x: method.r"},
-    {"id": "compare-method-spec-without-value", "argv": ["compare", CFG, "--test", "{tmp}/test.jsonl", "--methods", "lora:r", *ARGS],
+    {"id": "compare-method-spec-without-value", "argv": ["compare", CFG, "--test", "{tmp}/test.jsonl", *ARGS, "--methods", "lora:r"],
      "files": VALID, "stderr": "'r' must look like key=value"},
     {"id": "compare-config-missing", "argv": ["compare", "{tmp}/nope.yaml", "--test", "{tmp}/test.jsonl", *ARGS],
      "files": VALID, "stderr": "{tmp}/nope.yaml: config file not found"},

@@ -21,10 +21,14 @@ def evaluate_reference(
     Text metrics (bleu, chrf, rouge, exact_match) score greedy generations; `generation` holds
     max_new_tokens, lang and zh_mode for them.
     """
+    from tuneforge.data.formats import load_examples
     from tuneforge.evaluation.runner import evaluate_file
     from tuneforge.evaluation.validation import TEXT_METRICS, score_file_generations
     from tuneforge.loading import load_reference
 
+    load_examples(
+        data, "auto", on_bad_row="fail"
+    )  # a broken data file fails before the model loads
     loaded = load_reference(ref)
     rest = [m for m in metrics if m not in TEXT_METRICS]
     out = evaluate_file(loaded.model, loaded.tokenizer, data, rest, batch_size, limit)

@@ -195,13 +195,13 @@ def run_compare(job: CompareJob) -> int:
     """Train and score every spec (finished ones reused); 1 if any failed, else 0."""
     load_config(job.config)  # a missing or broken base config fails here, naming the key
     base = yaml.safe_load(Path(job.config).read_text(encoding="utf-8")) or {}
-    load_examples(job.test)  # so does an unreadable --test file, before any training
     specs = [s.strip() for s in (job.methods.split(",") if job.methods else DEFAULT_SPECS)]
     for spec in specs:  # every spec must validate before hours of training start
         try:
             build_config(run_config(base, spec, job.out / slug(spec), job.steps))
         except (ConfigError, ValueError) as err:
             raise ConfigError(f"--methods {spec}: {err}") from None
+    load_examples(job.test)  # an unreadable --test file, before any training
     job.out.mkdir(parents=True, exist_ok=True)
     if job.threads:  # every train / eval process inherits it (train/fastpath.set_threads)
         os.environ["OMP_NUM_THREADS"] = str(job.threads)
