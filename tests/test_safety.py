@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tuneforge.cli import main
-from tuneforge.errors import CheckpointError, ModelError, UnsafePathError
+from tuneforge.errors import CheckpointError, ModelError, RunDirError, UnsafePathError
 from tuneforge.loading import load_reference
 from tuneforge.models import load_model
 from tuneforge.paths import confined
@@ -79,7 +79,7 @@ def test_pickled_adapter_is_refused(tmp_path, tiny_model_dir):
     )
     marker = tmp_path / "pwned"
     (run / "adapter" / "adapter_model.bin").write_bytes(_trap_bytes(marker))
-    with pytest.raises(FileNotFoundError, match="pickled adapters"):
+    with pytest.raises(RunDirError, match="pickled adapters"):
         load_reference(run, dtype="fp32")
     assert not marker.exists()
 

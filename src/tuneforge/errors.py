@@ -82,3 +82,7 @@ class NonFiniteError(TuneforgeError, RuntimeError):
 
 class PlanError(TuneforgeError, ValueError):
     """A run is predicted not to fit in memory (or no setting would); the message names the fix."""
+
+
+class OutputError(TuneforgeError):
+    """An output cannot be written: the disk is full, the directory is read-only or not ours."""

@@ -15,9 +15,15 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tuneforge.config import options_model
 from tuneforge.data.templates import apply_template, cut_at_text, end_of_turn, render_prompt
-from tuneforge.errors import RunDirError
+from tuneforge.errors import ModelError, RunDirError
 from tuneforge.methods import Method, build_method
-from tuneforge.models import load_model, load_tokenizer, resolve_dtype, resolve_model_dir
+from tuneforge.models import (
+    check_safetensors,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model_dir,
+)
 from tuneforge.train.rundir import read_run
 
 
@@ -66,25 +72,35 @@ def run_chat_template(ref: str | Path) -> str | None:
 def load_run(run_dir: str | Path, dtype: torch.dtype, device: str = "cpu") -> Loaded:
     run_dir = Path(run_dir)
     config, manifest = read_run(run_dir)
-    trust = bool(config.get("model", {}).get("trust_remote_code", False))
+    model_section = config.get("model")
+    trust = isinstance(model_section, dict) and model_section.get("trust_remote_code") is True
     tokenizer = load_tokenizer(run_dir / "tokenizer", trust)
-    base_dir = Path(manifest["base_model"]["dir"])
-    if not (base_dir / "config.json").is_file():  # cache moved: resolve the name again
-        base_dir = resolve_model_dir(manifest["base_model"]["name"])
     if (run_dir / "model" / "config.json").is_file():
         model = load_model(run_dir / "model", dtype, trust_remote_code=trust)
-        return Loaded(model.to(device).eval(), tokenizer, "model", base_dir)
-    if not (run_dir / "adapter" / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"{run_dir}: neither adapter/ nor model/ found; did the run finish?"
+        return Loaded(model.to(device).eval(), tokenizer, "model", _base_dir(run_dir, manifest))
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise RunDirError(
+            f"{run_dir}: neither adapter/ nor model/ found; did the run finish? "
+            "(continue it with tuneforge train CONFIG --resume auto)"
         )
-    if not (run_dir / "adapter" / "adapter_model.safetensors").is_file():  # R8: no pickle
-        raise FileNotFoundError(
-            f"{run_dir}/adapter: no adapter_model.safetensors; pickled adapters (.bin) are refused"
+    if not (adapter / "adapter_model.safetensors").is_file():  # R8: no pickle
+        raise RunDirError(
+            f"{adapter}: no adapter_model.safetensors; pickled adapters (.bin) are refused"
         )
+    check_safetensors(adapter / "adapter_model.safetensors")
+    base_dir = _base_dir(run_dir, manifest)
     base = load_model(base_dir, dtype, trust_remote_code=trust)
     method = run_method(config)
-    model = method.load(base, str(run_dir / "adapter"))  # the method knows its inference view
+    try:
+        model = method.load(base, str(adapter))  # the method knows its inference view
+    except (RuntimeError, ValueError, KeyError, OSError) as err:
+        lines = [line.strip() for line in str(err).strip().splitlines()] or [type(err).__name__]
+        first = next((line for line in lines if "mismatch" in line), lines[0])
+        raise ModelError(
+            f"{adapter}: does not fit the base model {base_dir} ({first}); was it trained on "
+            "another model? Point manifest.json's base_model at the model it was trained on"
+        ) from err
     aligned = not method.adds_virtual_tokens
     return Loaded(model.to(device).eval(), tokenizer, "adapter", base_dir, aligned)
 
@@ -133,6 +149,17 @@ def answer_text(tokenizer, ids: list[int], stop_ids, texts) -> str:
             ids = ids[:k]
             break
     return cut_at_text(tokenizer.decode(ids, skip_special_tokens=True), texts)
+
+
+def _base_dir(run_dir: Path, manifest: dict) -> Path:
+    """The base model a run was trained on, from its manifest (resolved again if the cache moved)."""
+    base = manifest.get("base_model")
+    if not isinstance(base, dict) or not isinstance(base.get("dir"), str):
+        raise RunDirError(f"{run_dir}/manifest.json: no base_model.dir; the manifest is damaged")
+    base_dir = Path(base["dir"])
+    if not (base_dir / "config.json").is_file():  # cache moved: resolve the name again
+        base_dir = resolve_model_dir(str(base.get("name", base_dir)))
+    return base_dir
 
 
 @torch.no_grad()

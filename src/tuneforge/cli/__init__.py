@@ -13,12 +13,25 @@ import os
 import sys
 import traceback
 import warnings
+from typing import NoReturn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tuneforge.cli import augment, data, evaluate, export, feedback, models, plan, serve, settings, train  # noqa: E402  (after the env defaults)
+from tuneforge.cli import (  # noqa: E402  (after the env defaults)
+    augment,
+    data,
+    evaluate,
+    export,
+    feedback,
+    models,
+    plan,
+    serve,
+    settings,
+    train,
+)
+from tuneforge.errors import USER_ERROR_EXIT  # noqa: E402
 
 #: Every command group, in the order `tuneforge --help` lists them.
 COMMAND_GROUPS = (train, data, augment, evaluate, export, serve, feedback, plan, models, settings)
@@ -43,10 +56,15 @@ def _setup_logging(verbose: bool = False) -> None:
     hf_logging.disable_progress_bar()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line `error: ...` (subparsers inherit the class), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tuneforge", description="Fine-tune causal language models."
-    )
+    parser = _Parser(prog="tuneforge", description="Fine-tune causal language models.")
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="full tracebacks and third-party warnings"
     )
@@ -61,20 +79,30 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     import tuneforge.methods  # noqa: F401  (registers every method's options with the config)
     from tuneforge.errors import TuneforgeError
+    from tuneforge.paths import output_error
 
     try:
         return int(args.func(args) or 0)
     except TuneforgeError as err:
-        return _fail(err, err.exit_code, args.verbose)
+        return _fail(err, err, args.verbose)
     except FileNotFoundError as err:
-        return _fail(err, 2, args.verbose)
+        return _fail(err, f"{err.filename or err}: not found", args.verbose)
+    except OSError as err:  # a full disk or read-only directory under a writer we do not wrap
+        mapped = output_error(err)
+        if mapped is None:
+            raise
+        return _fail(err, mapped, args.verbose)
 
 
-def _fail(err: BaseException, code: int, verbose: bool) -> int:
+def _fail(err: BaseException, message: object, verbose: bool) -> int:
+    """Print `error: FIRST LINE`, further lines indented (bad rows, config problems); the
+    traceback only with -v."""
     if verbose:
         traceback.print_exception(err)
-    print(f"error: {err}", file=sys.stderr)
-    return code
+    first, *rest = str(message).splitlines() or [""]
+    lines = [f"error: {first}"] + [line if line[:1].isspace() else f"  {line}" for line in rest]
+    print("\n".join(lines), file=sys.stderr)
+    return getattr(message, "exit_code", USER_ERROR_EXIT)
 
 
 if __name__ == "__main__":

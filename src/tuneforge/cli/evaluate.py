@@ -7,9 +7,21 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from tuneforge.constants import EVAL_METRICS, GENERATION_METRICS
+from tuneforge.paths import check_output_path, write_json_atomic
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count, a batch size, a token budget)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
 
 TEMPLATE_HELP = (
     "chat template for a base model without one (chatml, llama3, alpaca, or a jinja template); "
@@ -32,10 +44,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="a base model to put beside it, with deltas; scored with the run's chat template",
     )
     p.add_argument("--template", help=TEMPLATE_HELP)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, help="evaluate the first N rows only")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--limit", type=positive_int, help="evaluate the first N rows only")
     p.add_argument("--output", help="write the results as JSON here")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="for generation metrics")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="for generation metrics")
     p.add_argument("--lang", choices=["auto", "zh", "en"], default="auto")
     p.add_argument("--zh-rouge", choices=["word", "char"], default="word")
     p.set_defaults(func=cmd_eval)
@@ -78,7 +90,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--system")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--template", help=TEMPLATE_HELP)
     p.set_defaults(func=cmd_generate)
@@ -91,6 +103,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tuneforge.reporting.tables import compare_table
 
     metrics = parse_metric_list(args.metrics, EVAL_METRICS)
+    if args.output:
+        check_output_path(args.output, "--output")
     gen = {"max_new_tokens": args.max_new_tokens, "lang": args.lang, "zh_mode": args.zh_rouge}
     rows = {}
     if args.compare:  # the base sees the run's prompts: the run's template unless --template
@@ -102,7 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.model, args.data, metrics, args.batch_size, args.limit, template=args.template, **gen
     )
     if args.output:
-        Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
+        write_json_atomic(args.output, rows)
     print(compare_table(rows))
     return 0
 

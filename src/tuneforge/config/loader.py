@@ -31,14 +31,27 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         path, raw = item.split("=", 1)
         keys = path.strip().split(".")
         if not all(keys):
-            raise ConfigError(f"{path}: empty key in override")
+            raise ConfigError(
+                f"{item}: empty key in the override; write section.key=value, e.g. train.lr=1e-4"
+            )
         node = tree
         for key in keys[:-1]:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{path}: conflicts with another override")
-        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+        node[keys[-1]] = _override_value(path, raw)
     return tree
+
+
+def _override_value(path: str, raw: str) -> Any:
+    """An override's value as a YAML scalar or flow collection (empty: null)."""
+    if raw == "":
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise ConfigError(f"{path}: the value {raw!r} is not valid YAML ({problem})") from None
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -79,12 +92,21 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a directory; give the path of a YAML config file")
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"{path}: not a text file (invalid UTF-8 at byte {err.start}); give a YAML config"
+            ) from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{where}: not valid YAML: {problem}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return build_config(raw, overrides)

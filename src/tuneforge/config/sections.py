@@ -502,6 +502,8 @@ def method_options(value: dict[str, Any]) -> MethodSection:
     if not _METHOD_OPTIONS:  # a programming error, not a user's: the registry was never loaded
         raise RuntimeError("no method is registered: import tuneforge.methods first")
     name = value.get("name", "lora")
+    if not isinstance(name, str):
+        raise ConfigError(f"method.name: expected one of {', '.join(method_names())}, got {name!r}")
     if name not in _METHOD_OPTIONS:
         raise ConfigError(f"method.name: {not_one_of(name, method_names())}")
     try:

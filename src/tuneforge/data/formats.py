@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.constants import DATA_FORMATS as FORMATS
-from tuneforge.errors import DataError
+from tuneforge.errors import ConfigError, DataError
 from tuneforge.paths import write_text_atomic
 
 ON_BAD_ROW = ("fail", "skip")
@@ -95,6 +95,8 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict | BadRow]]:
     if reader is None:
         kinds = ".jsonl, .json, .csv or .parquet"
         raise DataError(f"{path}: unsupported file type {path.suffix!r} (use {kinds})")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; give a data file ({', '.join(readers)})")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     return _as_bad_rows(reader(path), str(path))
@@ -142,7 +144,10 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
         raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
     if not isinstance(data, list):
         kind = _type_name(data)
-        raise DataError(f"{path}: expected a JSON array of objects (or JSON Lines), got a {kind}")
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise DataError(
+            f"{path}: expected a JSON array of objects (or JSON Lines), got {article} {kind}"
+        )
     yield from enumerate(data, start=1)
 
 
@@ -221,7 +226,7 @@ def to_example(record: dict, fmt: str, source: str) -> Example:
         "classification": _classification,
     }
     if fmt not in builders:
-        raise ValueError(f"unknown data format {fmt!r}: use one of {', '.join(FORMATS)}")
+        raise ConfigError(f"data.format: {fmt!r} is not one of {', '.join(FORMATS)}")
     return builders[fmt](record, source)
 
 
@@ -366,9 +371,9 @@ def _classification(record: dict, source: str) -> Example:
 def load_examples(path: str | Path, fmt: str = "auto", on_bad_row: str = "fail") -> LoadResult:
     """Read a whole file; with "fail" any bad row raises DataError listing all of them."""
     if fmt != "auto" and fmt not in FORMATS:
-        raise ValueError(f"data.format: {fmt!r} is not one of auto, {', '.join(FORMATS)}")
+        raise ConfigError(f"data.format: {fmt!r} is not one of auto, {', '.join(FORMATS)}")
     if on_bad_row not in ON_BAD_ROW:
-        raise ValueError(f"data.on_bad_row: {on_bad_row!r} is not one of {', '.join(ON_BAD_ROW)}")
+        raise ConfigError(f"data.on_bad_row: {on_bad_row!r} is not one of {', '.join(ON_BAD_ROW)}")
     records = list(read_records(path))
     if fmt == "auto":
         fmt = _detect_file_format(records, path)

@@ -25,7 +25,7 @@ from tuneforge.data.formats import (
     load_examples,
 )
 from tuneforge.data.templates import render
-from tuneforge.errors import TemplateError
+from tuneforge.errors import ConfigError, TemplateError
 
 TRUNCATION = ("truncate", "drop", "error")
 _HINTS = {
@@ -98,13 +98,13 @@ def prepare_data(
     `augment` makes extra copies of the training split only, after the validation split is made.
     """
     if truncation not in TRUNCATION:
-        raise ValueError(f"data.truncation: {truncation!r} is not one of {', '.join(TRUNCATION)}")
+        raise ConfigError(f"data.truncation: {truncation!r} is not one of {', '.join(TRUNCATION)}")
     if max_length < 1:
-        raise ValueError(f"data.max_length: must be at least 1, got {max_length}")
+        raise ConfigError(f"data.max_length: must be at least 1, got {max_length}")
     loads = [load_examples(train_path, fmt, on_bad_row)]
     train_examples, val_examples = loads[0].examples, []
     if isinstance(validation, bool):
-        raise ValueError(
+        raise ConfigError(
             "data.validation: expected a ratio in (0, 1), a path or null, got a boolean"
         )
     if isinstance(validation, int | float):
@@ -113,7 +113,7 @@ def prepare_data(
         loads.append(load_examples(validation, fmt, on_bad_row))
         val_examples = loads[1].examples
     elif validation is not None:
-        raise ValueError(f"data.validation: expected a ratio, a path or null, got {validation!r}")
+        raise ConfigError(f"data.validation: expected a ratio, a path or null, got {validation!r}")
 
     tally = _Tally(dropped=[row for load in loads for row in load.bad_rows])
     options = dict(
@@ -165,7 +165,7 @@ def split_examples(
 ) -> tuple[list[Example], list[Example]]:
     """A seeded random split by example; both sides keep file order; each side gets >= 1 when possible."""
     if not 0.0 < ratio < 1.0:
-        raise ValueError(f"data.validation: a ratio must be in (0, 1), got {ratio}")
+        raise ConfigError(f"data.validation: a ratio must be in (0, 1), got {ratio}")
     n = len(examples)
     if n < 2:
         return list(examples), []

@@ -25,10 +25,14 @@ def evaluate_reference(
     (a run keeps its own): a built-in name, a jinja template, or the template of the run it is
     compared with, so that both see the same prompts.
     """
+    from tuneforge.data.formats import load_examples
     from tuneforge.evaluation.runner import evaluate_file
     from tuneforge.evaluation.validation import TEXT_METRICS, score_file_generations
     from tuneforge.loading import load_reference
 
+    load_examples(
+        data, "auto", on_bad_row="fail"
+    )  # a broken data file fails before the model loads
     loaded = load_reference(ref, template=template)
     rest = [m for m in metrics if m not in TEXT_METRICS]
     out = evaluate_file(

@@ -17,6 +17,7 @@ from tuneforge.constants import IGNORE_INDEX
 from tuneforge.data.formats import Example, load_examples
 from tuneforge.data.pipeline import TokenizedExample, collate
 from tuneforge.data.templates import render
+from tuneforge.errors import DataError
 from tuneforge.evaluation.metrics import classification_report
 from tuneforge.train.loss import CausalLMLoss
 
@@ -145,13 +146,13 @@ def label_predictions(
     for ex in examples:
         split = [_split_prompt(*render(tokenizer, _with_answer(ex, label))) for label in labels]
         if len({tuple(p) for p, _ in split}) != 1:
-            raise ValueError(
+            raise DataError(
                 f"{ex.source}: the chat template renders the prompt differently per label"
             )
         prompts.append(split[0][0])
         tails = [a for _, a in split]
         if answers is not None and tails != answers:
-            raise ValueError(f"{ex.source}: labels tokenise differently after this prompt")
+            raise DataError(f"{ex.source}: labels tokenise differently after this prompt")
         answers = tails
     preds: list[str] = []
     starts = range(0, len(prompts), batch_size)
@@ -188,7 +189,11 @@ def evaluate_examples(
         refs = [ex.label if ex.label is not None else ex.messages[-1]["content"] for ex in examples]
         labels = sorted(set(refs))
         if len(labels) < 2:
-            raise ValueError("accuracy needs at least two distinct labels in the evaluation data")
+            raise DataError(
+                f"{examples[0].source.rsplit(':', 1)[0] if examples else 'the data'}: accuracy "
+                f"needs at least two distinct labels (answers), found {len(labels)}; use "
+                "--metrics loss for free-text data"
+            )
         preds = label_predictions(model, tokenizer, examples, labels, batch_size, progress)
         out.update(classification_report(preds, refs, labels))
     return out

@@ -67,8 +67,18 @@ def _rouge_signature(lang: str, zh_mode: str) -> str:
 
 def read_lines(path: str | Path) -> list[str]:
     """One text per line, trailing whitespace dropped: the way sacrebleu's CLI reads files."""
-    with open(path, encoding="utf-8", newline="\n") as f:
-        return [line.rstrip() for line in f]
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; give a text file with one text per line")
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8", newline="\n") as f:
+            return [line.rstrip() for line in f]
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not a UTF-8 text file (invalid byte at {err.start}); give one text per line"
+        ) from None
 
 
 def score_files(

@@ -18,6 +18,7 @@ from tuneforge.constants import GENERATION_METRICS as TEXT_METRICS
 from tuneforge.constants import IGNORE_INDEX, LABEL_METRICS
 from tuneforge.data.pipeline import TokenizedExample, collate
 from tuneforge.data.templates import cut_at_text, end_of_turn
+from tuneforge.errors import ConfigError, DataError
 from tuneforge.evaluation.generation import (
     GenItem,
     end_of_turn_ids,
@@ -74,7 +75,7 @@ def score_file_generations(
     examples = load_examples(path, "auto", on_bad_row="fail").examples[:limit]
     items = items_from_examples(examples, tokenizer)
     if not items:
-        raise ValueError(f"{path}: no row has a prompt and an answer to generate")
+        raise DataError(f"{path}: no row has a prompt and an answer to generate")
     stop_ids = end_of_turn_ids(tokenizer, examples[:16])
     preds = generate_answers(
         model,
@@ -92,7 +93,7 @@ def score_file_generations(
 def check_label_set(labels: Sequence[str], where: str = "eval.metrics") -> None:
     """Accuracy compares answers against a small label set; refuse free-text references."""
     if not 2 <= len(labels) <= MAX_LABELS:
-        raise ValueError(
+        raise ConfigError(
             f"{where}: accuracy needs classification-like validation data (2 to {MAX_LABELS} "
             f"distinct answers), found {len(labels)} distinct answers"
         )
@@ -142,7 +143,7 @@ class ValidationScorer:
         self.items, self.stop_ids = items_from_tokenized(rows, tokenizer)
         self.stop_texts = end_of_turn(tokenizer).texts
         if (generate or wants_labels) and not self.items:
-            raise ValueError(
+            raise ConfigError(
                 "eval.generate / eval.metrics: no validation row has a prompt and an answer "
                 "(plain-text rows, or data.train_on: all); use loss only"
             )

@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from tuneforge.config import build_config
+from tuneforge.config import build_config, load_config
+from tuneforge.data.formats import load_examples
 from tuneforge.errors import ConfigError
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
@@ -42,7 +43,7 @@ def parse_spec(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
     train: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ValueError(f"--methods: {spec!r}: {pair!r} must look like key=value")
+            raise ConfigError(f"{pair!r} must look like key=value")
         key, raw = pair.split("=", 1)
         value = yaml.safe_load(raw)
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
@@ -95,13 +96,13 @@ def evaluate(ref: str, data: str, out: Path, metrics: str, limit: int | None) ->
 def validation_file(base: dict[str, Any], out: Path) -> Path:
     """The run's held-out validation rows as a file (the same seeded split training makes), so
     that the base model's loss is measured on exactly the rows each run's eval_loss uses."""
-    from tuneforge.data.formats import load_examples, write_examples_jsonl
+    from tuneforge.data.formats import write_examples_jsonl
     from tuneforge.data.pipeline import split_examples
 
     data, seed = base.get("data", {}), base.get("train", {}).get("seed", 0)
     ratio = data.get("validation", 0.1)
     if not isinstance(ratio, float):
-        raise ValueError("compare: data.validation must be a ratio (the runs' eval loss set)")
+        raise ConfigError("data.validation: compare needs a ratio (the runs' eval loss set)")
     examples = load_examples(data["train"], data.get("format", "auto"), "fail").examples
     _, held_out = split_examples(examples, ratio, seed)
     return write_examples_jsonl(out / "validation.jsonl", held_out)
@@ -185,13 +186,15 @@ class CompareJob:
 
 def run_compare(job: CompareJob) -> int:
     """Train and score every spec (finished ones reused); 1 if any failed, else 0."""
-    base = yaml.safe_load(Path(job.config).read_text()) or {}
+    load_config(job.config)  # a missing or broken base config fails here, naming the key
+    base = yaml.safe_load(Path(job.config).read_text(encoding="utf-8")) or {}
     specs = [s.strip() for s in (job.methods.split(",") if job.methods else default_specs())]
     for spec in specs:  # every spec must validate before hours of training start
         try:
             build_config(run_config(base, spec, job.out / slug(spec), job.steps))
         except (ConfigError, ValueError) as err:
             raise ConfigError(f"--methods {spec}: {err}") from None
+    load_examples(job.test)  # an unreadable --test file, before any training
     job.out.mkdir(parents=True, exist_ok=True)
     if job.threads:  # every train / eval process inherits it (train/fastpath.set_threads)
         os.environ["OMP_NUM_THREADS"] = str(job.threads)

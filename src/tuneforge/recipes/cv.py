@@ -16,6 +16,7 @@ from typing import Any
 from tuneforge.config import RunConfig, build_config
 from tuneforge.data.formats import Example, load_examples, write_examples_jsonl
 from tuneforge.errors import ConfigError, RunDirError
+from tuneforge.models import resolve_model_dir
 from tuneforge.paths import write_json_atomic
 
 log = logging.getLogger("tuneforge")
@@ -99,6 +100,7 @@ def run_cross_validation(
         )
     if isinstance(cfg.data.validation, str):
         log.info("cv: data.validation (%s) is not used; folds of data.train validate", cfg.data.validation)  # fmt: skip
+    resolve_model_dir(cfg.model.name)  # a broken model fails before any fold file is written
     loaded = load_examples(cfg.data.train, cfg.data.format, cfg.data.on_bad_row)
     try:
         folds = fold_indices(len(loaded.examples), k, cfg.train.seed)

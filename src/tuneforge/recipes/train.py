@@ -22,6 +22,7 @@ from tuneforge.data.pipeline import PreparedData, collate
 from tuneforge.evaluation.evaluator import Evaluator
 from tuneforge.methods import Method
 from tuneforge.models import check_license, resolve_model_dir
+from tuneforge.paths import write_dir_atomic, writing
 from tuneforge.recipes.manifest import resume_identity, run_manifest
 from tuneforge.recipes.parts import (
     TrainingModel,
@@ -279,14 +280,25 @@ def _finish(cfg: RunConfig, job: _Job, result: LoopResult) -> dict[str, Any]:
     }
     if run is not None:
         _save_artifacts(run, built.method, unwrapped, job.tokenizer, built.dtype)
-        run.write_summary(summary)
+        with writing(run.path / "summary.json", _FINAL_SAVE_NOTE):
+            run.write_summary(summary)
     return summary
 
 
+#: What a failed final save tells the user: the checkpoints are still there to finish from.
+_FINAL_SAVE_NOTE = (
+    " (the trained weights were not saved; the checkpoints are kept: free space and finish "
+    "the run with --resume auto)"
+)
+
+
 def _save_artifacts(run: RunDir, method: Method, model, tokenizer, dtype: torch.dtype) -> None:
+    """adapter/ (or model/) and tokenizer/, each written beside its final name and renamed in."""
     target = run.adapter_dir if method.artifact == "adapter" else run.model_dir
     if method.artifact == "model":
         # Save in the dtype the model was loaded in, not the fp32 master copies.
         model = copy.deepcopy(model).to(dtype)
-    method.save(model, str(target))
-    tokenizer.save_pretrained(str(run.tokenizer_dir))
+    write_dir_atomic(target, lambda tmp: method.save(model, str(tmp)), _FINAL_SAVE_NOTE)
+    write_dir_atomic(
+        run.tokenizer_dir, lambda tmp: tokenizer.save_pretrained(str(tmp)), _FINAL_SAVE_NOTE
+    )

@@ -41,9 +41,44 @@ pre{background:#f7f7f7;padding:.6rem;overflow:auto;font-size:.85rem}
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a run's .jsonl file; a torn last line (a crash mid-write) is skipped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    lines = _read_text(path).splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            if number == len(lines):
+                continue
+            raise RunDirError(f"{path}:{number}: not valid JSON; the file is damaged") from None
+        if record is not None and not isinstance(record, dict):
+            raise RunDirError(f"{path}:{number}: expected a JSON object per line")
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RunDirError(f"{path}: not a UTF-8 text file (byte {err.start}); damaged?") from None
+
+
+def _read_mapping(path: Path, parse: Any) -> dict[str, Any]:
+    """summary.json / config.yaml as a mapping ({} when absent), RunDirError when damaged."""
+    if not path.is_file():
+        return {}
+    try:
+        value = parse(_read_text(path))
+    except (ValueError, yaml.YAMLError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise RunDirError(f"{path}: damaged ({first})") from None
+    if not isinstance(value, dict):
+        raise RunDirError(f"{path}: expected a mapping, got {type(value).__name__}")
+    return value
 
 
 def load_run_files(run_dir: Path) -> dict[str, Any]:
@@ -51,11 +86,10 @@ def load_run_files(run_dir: Path) -> dict[str, Any]:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise RunDirError(f"{run_dir}: no metrics.jsonl; is this a tuneforge run directory?")
-    summary_path, config_path = run_dir / "summary.json", run_dir / "config.yaml"
     return {
         "records": read_jsonl(metrics),
-        "summary": json.loads(summary_path.read_text()) if summary_path.is_file() else {},
-        "config": yaml.safe_load(config_path.read_text()) if config_path.is_file() else {},
+        "summary": _read_mapping(run_dir / "summary.json", json.loads),
+        "config": _read_mapping(run_dir / "config.yaml", yaml.safe_load),
         "samples": read_jsonl(run_dir / SAMPLES_FILE),
     }
 

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tuneforge.errors import CheckpointError, UnsafePathError
-from tuneforge.paths import confined
+from tuneforge.paths import confined, writing
 
 FORMAT = "tuneforge-checkpoint"
 VERSION = 1
@@ -325,6 +325,27 @@ class Checkpointer:
         """Write one checkpoint. `shared` maps names to files (from `state_files`/`tensor_files`)."""
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{final.name}"
+        note = (
+            f" (checkpoint {final.name} was not written; the earlier complete checkpoints are "
+            "kept: continue with --resume auto once there is room)"
+        )
+        try:
+            with writing(final, note):
+                return self._save(step, final, tmp, shared, per_rank, meta)
+        except BaseException:
+            if self.rank == 0:
+                _remove_tree(tmp)
+            raise
+
+    def _save(
+        self,
+        step: int,
+        final: Path,
+        tmp: Path,
+        shared: dict[str, dict[str, Payload]],
+        per_rank: dict[str, Payload],
+        meta: dict[str, Any],
+    ) -> Path:
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             _remove_tree(tmp)

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from tuneforge.errors import RunDirError
-from tuneforge.paths import write_json_atomic, write_text_atomic
+from tuneforge.paths import write_json_atomic, write_text_atomic, writing
 
 SAMPLES_FILE = "samples.jsonl"  # a few generations per evaluation (evaluation/validation.py)
 PACKAGES = ("tuneforge", "torch", "transformers", "peft", "accelerate", "tokenizers")
@@ -51,7 +51,8 @@ class RunDir:
             raise RunDirError(
                 f"output.dir: {self.path} is not empty; choose another output.dir, set output.overwrite=true, or continue it with --resume"
             )
-        self.path.mkdir(parents=True, exist_ok=True)
+        with writing(self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
         if not resume:  # a resume drops summary.json only once the checkpoint is accepted
             (self.path / "summary.json").unlink(missing_ok=True)
             (self.path / "metrics.jsonl").unlink(missing_ok=True)
@@ -69,7 +70,8 @@ class RunDir:
         write_json_atomic(self.path / "manifest.json", {"versions": versions(), **manifest})
 
     def log(self, record: dict[str, Any]) -> None:
-        with (self.path / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+        path = self.path / "metrics.jsonl"
+        with writing(path), path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, ensure_ascii=False, default=float) + "\n")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
@@ -95,6 +97,20 @@ def read_run(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise RunDirError(
             f"{path}: not a tuneforge run directory (config.yaml / manifest.json missing)"
         )
-    config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-    return config, manifest
+    return _read_mapping(path / "config.yaml", yaml.safe_load), _read_mapping(
+        path / "manifest.json", json.loads
+    )
+
+
+def _read_mapping(path: Path, parse: Any) -> dict[str, Any]:
+    """A run file that must hold a mapping; RunDirError naming it when it is damaged."""
+    try:
+        value = parse(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise RunDirError(
+            f"{path}: damaged ({first}); restore it, or train the run again"
+        ) from None
+    if not isinstance(value, dict):
+        raise RunDirError(f"{path}: expected a mapping, got {type(value).__name__}; damaged?")
+    return value
