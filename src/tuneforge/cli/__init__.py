@@ -18,10 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tuneforge.cli import data, evaluate, settings, train  # noqa: E402  (after the env defaults)
+from tuneforge.cli import data, evaluate, settings, train, ui  # noqa: E402  (after the env defaults)
 
 #: Every command group, in the order `tuneforge --help` lists them.
-COMMAND_GROUPS = (train, data, evaluate, settings)
+COMMAND_GROUPS = (train, data, evaluate, settings, ui)
 
 log = logging.getLogger("tuneforge")
 
