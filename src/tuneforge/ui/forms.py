@@ -66,11 +66,19 @@ def show(value: Any, kind: str) -> str:
         return ""
     if isinstance(value, BaseModel):
         value = value.model_dump(mode="json")
-    if kind in ("text", "choice") and isinstance(value, str):
+    if isinstance(value, str) and (kind in ("text", "choice") or _reads_back(value)):
         return value
     if isinstance(value, bool):
         return "true" if value else "false"
     return json.dumps(value, ensure_ascii=False)
+
+
+def _reads_back(text: str) -> bool:
+    """Whether YAML reads `text` back as the same string (then it needs no quotes)."""
+    try:
+        return yaml.safe_load(text) == text
+    except yaml.YAMLError:
+        return False
 
 
 def field_spec(path: str, info: Any, method: str | None = None) -> FieldSpec:
