@@ -32,8 +32,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _check_port(host: str, port: int) -> None:
     from tuneforge.errors import UsageError
 
-    if not 1 <= port <= 65535:
-        raise UsageError(f"--port {port}: must be between 1 and 65535")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -50,14 +48,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     if args.max_running < 1:
         raise UsageError(f"--max-running {args.max_running}: must be at least 1")
-    _check_port(args.host, args.port)
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: must be between 1 and 65535")
     import uvicorn
 
     from tuneforge.ui.app import create_app
     from tuneforge.ui.security import new_token
 
     token = new_token()
-    app = create_app(args.workspace, token, max_running=args.max_running)
+    app = create_app(args.workspace, token, max_running=args.max_running)  # checks the workspace
+    _check_port(args.host, args.port)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"tuneforge ui: workspace {app.state.ws.root}", flush=True)
     print(f"open http://{host}:{args.port}/?token={token}", flush=True)

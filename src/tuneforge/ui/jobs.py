@@ -168,7 +168,7 @@ class JobQueue:
     def _start(self, job: Job) -> None:
         rc_file = self.logs / f"{job.id}.rc.json"
         command = [sys.executable, "-m", "tuneforge.cli", *job.argv]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _same_tuneforge()}
         with self.log_path(job).open("ab") as log:
             log.write(f"$ tuneforge {' '.join(job.argv)}\n".encode())
             log.flush()
@@ -209,6 +209,16 @@ class JobQueue:
         else:
             job.state = "failed"
         return True
+
+
+def _same_tuneforge() -> str:
+    """PYTHONPATH for a job: the tuneforge this page runs comes first (jobs run in the workspace,
+    where a relative PYTHONPATH would point elsewhere)."""
+    import tuneforge
+
+    ours = str(Path(tuneforge.__file__).resolve().parent.parent)
+    rest = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys([ours, *rest]))
 
 
 def _exclusive(path: Path) -> Any:
