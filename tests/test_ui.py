@@ -137,7 +137,7 @@ def test_security_headers(client):
         and "unsafe-inline" not in csp.split("script-src")[1].split(";")[0]
     )
     assert response.headers["x-content-type-options"] == "nosniff"
-    assert response.headers["referrer-policy"] == "no-referrer"
+    assert response.headers["referrer-policy"] == "same-origin"
 
 
 # -- confinement --------------------------------------------------------------------------
