@@ -424,7 +424,7 @@ def test_runs_list_compare_and_metrics_api(tmp_path, tiny_model_dir):
             re.findall(r'<td class="num">([^<]*)</td>', row) for row in table.split("</tr>")[1:3]
         ]
         col = header.index("eval_loss") - 1  # the first column is the run
-        assert [row[col] for row in cells] == ["1.75", "2.25"]
+        assert [row[col] for row in cells] == ["1.7500", "2.2500"]
         assert [row[header.index("method") - 1] for row in cells] == ["lora", "ia3"]
         run_page = client.get("/run", params={"dir": "runs/a"}).text
         assert 'id="chart-loss"' in run_page and "123.5" in run_page
@@ -469,7 +469,7 @@ def test_export_page_shows_the_recheck_table(tmp_path):
         client = TestClient(app)
         client.get(f"/?token={TOKEN}")
         html = client.get("/export", params={"dir": "runs/x"}).text
-        assert "gguf-q4_k_m" in html and "1.62 (+0.1200)" in html
+        assert "gguf-q4_k_m" in html and "1.6200 (+0.1200)" in html
         assert "loss regressed by 0.1200 &gt; 0.05" in html
         assert '<span class="state failed">failed</span>' in html
         form = {"_csrf": app.state.keys.csrf, "dir": "runs/x", "format": "gguf", "quant": "q9"}

@@ -38,8 +38,10 @@ def run_path(request: Request, rel: str) -> Path:
 
 def describe(request: Request, rel: str) -> RunInfo:
     """The run as its files say, with the state of its latest job (or, without one, its files)."""
-    info = run_info(run_path(request, rel), rel)
     job = request.app.state.queue.latest(rel, "train")
+    ws = request.app.state.ws
+    config = ws.resolve(job.argv[1]) if job is not None and len(job.argv) > 1 else None
+    info = run_info(run_path(request, rel), rel, config)
     if job is not None:
         info.state = job.state
     else:

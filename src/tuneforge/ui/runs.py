@@ -90,7 +90,8 @@ class RunInfo:
         return min(1.0, self.step / self.total_steps)
 
 
-def run_info(run: Path, rel: str) -> RunInfo:
+def run_info(run: Path, rel: str, config_file: Path | None = None) -> RunInfo:
+    """`config_file`: the job's config, read while the run has not written its own yet."""
     info = RunInfo(rel=rel)
     summary, manifest = read_json(run / "summary.json"), read_json(run / "manifest.json")
     info.summary, info.finished = summary, bool(summary)
@@ -98,7 +99,9 @@ def run_info(run: Path, rel: str) -> RunInfo:
     info.has_report = (run / "report.html").is_file()
     ckpt = run / "checkpoints"
     info.checkpoints = sorted(p.name for p in ckpt.glob("step-*")) if ckpt.is_dir() else []
-    config = _read_config(run)
+    config = _read_config(run / "config.yaml")
+    if not config and config_file is not None:
+        config = _read_config(config_file)
     info.method = (config.get("method") or {}).get("name")
     info.model = (config.get("model") or {}).get("name")
     records = tail_metrics(run)
@@ -112,9 +115,9 @@ def run_info(run: Path, rel: str) -> RunInfo:
     return info
 
 
-def _read_config(run: Path) -> dict[str, Any]:
+def _read_config(path: Path) -> dict[str, Any]:
     try:
-        config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return {}
     return config if isinstance(config, dict) else {}

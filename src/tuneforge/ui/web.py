@@ -34,7 +34,9 @@ def _number(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         if value.is_integer() and abs(value) < 1e15:
             return str(int(value))
-        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.{digits}g}"
+        if abs(value) >= 100:
+            return f"{value:.1f}"
+        return f"{value:.{digits}f}" if abs(value) >= 1e-3 else f"{value:.{digits}g}"
     return str(value)
 
 

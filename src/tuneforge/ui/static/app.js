@@ -65,6 +65,13 @@
     });
   }
 
+  function duration(s) {
+    s = Math.max(0, Math.round(s));
+    var h = Math.floor(s / 3600), m = Math.floor(s % 3600 / 60), sec = s % 60;
+    var two = function (n) { return (n < 10 ? "0" : "") + n; };
+    return h ? h + "h" + two(m) + "m" : m ? m + "m" + two(sec) + "s" : sec + "s";
+  }
+
   function live() {
     var root = $("#live");
     if (!root || !window.EventSource) return;
@@ -86,7 +93,13 @@
         }
       });
     });
+    var stretch = null;  // the first record of this process's stretch (elapsed_s restarts on resume)
     function progress(r) {
+      if (!stretch || r.elapsed_s < stretch.elapsed_s || r.step <= stretch.step) stretch = r;
+      if (total && r.step > stretch.step) {
+        var eta = (r.elapsed_s - stretch.elapsed_s) / (r.step - stretch.step) * (total - r.step);
+        $("#eta").textContent = duration(eta);
+      }
       $("#progress-text").textContent = "step " + r.step + (total ? " of " + total : "");
       if (total) $("#progress").value = Math.min(1, r.step / total);
       if (typeof r.tokens_per_s === "number") $("#tok-s").textContent = Math.round(r.tokens_per_s);
@@ -96,6 +109,7 @@
       if (s.total_steps) total = s.total_steps;
       var state = $("#state");
       state.textContent = s.state; state.className = "state " + s.state;
+      $("#eta-box").hidden = s.state !== "running";
       if (s.has_report) $("#report").hidden = false;
     });
     source.addEventListener("reset", function () { charts.forEach(function (c) { c.chart.clear(); }); });
