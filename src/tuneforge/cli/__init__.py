@@ -30,11 +30,24 @@ from tuneforge.cli import (  # noqa: E402  (after the env defaults)
     serve,
     settings,
     train,
+    ui,
 )
 from tuneforge.errors import USER_ERROR_EXIT  # noqa: E402
 
 #: Every command group, in the order `tuneforge --help` lists them.
-COMMAND_GROUPS = (train, data, augment, evaluate, export, serve, feedback, plan, models, settings)
+COMMAND_GROUPS = (
+    train,
+    data,
+    augment,
+    evaluate,
+    export,
+    serve,
+    feedback,
+    plan,
+    models,
+    ui,
+    settings,
+)
 
 log = logging.getLogger("tuneforge")
 
