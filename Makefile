@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tuneforge-installed
 QS_DATA := data/generated/sentiment
 
-.PHONY: install services quickstart test test-fast lint bench clean
+.PHONY: install services quickstart test test-fast lint bench bench-serve clean
 
 install: $(STAMP)
 
@@ -56,6 +56,12 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/run.py
+
+# Serving side by side (quiet machine, ~15 min): tuneforge's engines, llama-cpp-python's server, generate.
+SERVE_GGUF ?=
+bench-serve: install
+	$(BIN)/pip install -q starlette-context pydantic-settings sse-starlette
+	$(BIN)/python bench/serve_bench.py --model runs/quickstart $(if $(SERVE_GGUF),--gguf $(SERVE_GGUF))
 
 clean:
 	rm -rf $(VENV) runs data/generated
