@@ -6,6 +6,7 @@ FastAPI's own validation and HTTP errors) in this format.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import HTTPException
@@ -39,6 +40,7 @@ class APIError(HTTPException):
     ) -> None:
         super().__init__(status_code=status, detail=message, headers=headers)
         self.message, self.param, self.code = message, param, code
+        self.recorded = False  # True once a ResponseRecord holds this error
 
 
 def error_body(
@@ -62,11 +64,26 @@ def api_error_response(err: APIError) -> JSONResponse:
     return error_response(err.status_code, err.message, err.param, err.code, err.headers)
 
 
+#: pydantic's names for union members in an error location (`str`, `list[TextPart]`, ...)
+_UNION_TAG = re.compile(r"^([A-Z]\w*|[a-z]+(-[a-z]+)*)(\[.*\])?$")
+_TAG_WORDS = {"str", "int", "float", "bool", "list", "dict", "none", "literal", "tuple"}
+
+
+def _is_union_tag(part: str) -> bool:
+    if not _UNION_TAG.match(part):
+        return False
+    return part[0].isupper() or "[" in part or "-" in part or part in _TAG_WORDS
+
+
 def field_path(loc: tuple | list) -> str | None:
-    """`("body", "messages", 0, "role")` -> `messages[0].role`; None for the body as a whole."""
+    """`("body", "messages", 0, "role")` -> `messages[0].role`; None for the body as a whole.
+
+    Union member tags that pydantic puts in locations (`content.str`) are left out."""
     out = ""
     for part in loc:
         if part in ("body", "query", "path", "header") and not out:
+            continue
+        if isinstance(part, str) and _is_union_tag(part):
             continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or None

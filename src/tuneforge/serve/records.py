@@ -63,13 +63,17 @@ class JsonlRecordSink:
     """Appends one JSON line per record and fsyncs it, so a record survives a crash once written."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)  # its directory appears with the first record, not before
         self._lock = threading.Lock()
 
     def write(self, record: ResponseRecord) -> None:
         line = json.dumps(record.to_dict(), ensure_ascii=False, default=str) + "\n"
-        with self._lock, self.path.open("a", encoding="utf-8") as fh:
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._append(line)
+
+    def _append(self, line: str) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
             fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())
