@@ -108,3 +108,33 @@ def test_parse_since():
     assert parse_since(None) == 0.0
     with pytest.raises(FeedbackError, match="--since"):
         parse_since("last tuesday")
+
+
+def test_cli_add_stats_export(tmp_path, capsys):
+    from tuneforge.cli import main
+
+    recs = [make_record(f"Color of {t}?", "purple") for t in ("sky", "snow")]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in recs))
+    rows = [
+        {"response_id": recs[0].id, "rating": -1, "correction": "blue", "idempotency_key": "a"},
+        {"response_id": recs[1].id, "rating": 5, "tags": ["ok"]},
+    ]
+    (tmp_path / "fb.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    db = str(tmp_path / "fb.db")
+    assert main(["feedback", "add", str(tmp_path / "fb.jsonl"), "--db", db, "--records", str(tmp_path / "records.jsonl")]) == 0  # fmt: skip
+    assert "added 2 feedback rows; imported 2 response records" in capsys.readouterr().out
+    assert main(["feedback", "add", str(tmp_path / "fb.jsonl"), "--db", db]) == 0
+    assert "added 1 feedback rows (1 already stored)" in capsys.readouterr().out  # key "a" replayed
+    assert main(["feedback", "stats", "--db", db, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["requests"], stats["feedback"], stats["corrections"]) == (2, 3, 1)
+    assert stats["top_tags"] == [["ok", 2]]
+    out = tmp_path / "sft.jsonl"
+    assert main(["feedback", "export", "--db", db, "--out", str(out), "--pairs", str(tmp_path / "p.jsonl")]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "sft: 3 rows" in printed and "pairs: 1 rows" in printed  # blue over purple
+    answers = [json.loads(x)["messages"][-1]["content"] for x in out.read_text().splitlines()]
+    assert answers == ["blue", "purple", "purple"]
+    store = FeedbackStore(db)
+    assert {f["source"] for f in store.feedback()} == {"file"}
+    store.close()

@@ -121,6 +121,9 @@ def test_cli_skips_with_exit_0_and_fails_cleanly_without_a_database(run_copy, tm
                               capture_output=True, text=True, timeout=300)  # fmt: skip
 
     db = tmp_path / "fb.db"
+    r = cli("retrain", str(run_copy), "--db", str(db), "--quiet")
+    assert r.returncode == 2 and "no such database file" in r.stderr and not db.exists()
+    FeedbackStore(db).close()
     r = cli("retrain", str(run_copy), "--db", str(db), "--min-new", "5", "--quiet")
     assert r.returncode == 0 and "skipped: 0 new feedback rows" in r.stdout
     r = cli("retrain", str(run_copy), "--db", "postgresql+psycopg://nobody@/nope?host=/nonexistent")

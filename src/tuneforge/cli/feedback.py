@@ -113,23 +113,25 @@ def cmd_add(args: argparse.Namespace) -> int:
     from tuneforge.feedback.store import FeedbackStore
     from tuneforge.feedback.validate import FieldError, parse_feedback
 
-    rows = _read_jsonl(args.file)  # a missing file fails before the database is opened
-    store = FeedbackStore(args.db)
+    rows, items, problems = _read_jsonl(args.file), [], []
+    for n, row in rows:  # every row is checked before the database is opened
+        try:
+            if isinstance(row, Exception):
+                raise FieldError(400, None, str(row))
+            items.append((n, parse_feedback(row)))
+        except FieldError as err:
+            problems.append(f"{args.file}:{n}: {err.message}")
+    if problems:
+        _fail_rows(args.file, problems, len(rows))
+    store = FeedbackStore(args.db, create=bool(args.records))
     try:
         imported = _import_records(store, args.records) if args.records else 0
-        items, problems = [], []
-        for n, row in rows:
-            try:
-                if isinstance(row, Exception):
-                    raise FieldError(400, None, str(row))
-                item = parse_feedback(row)
-                if store.get_response(item.response_id) is None:
-                    raise FieldError(404, "response_id", f"response_id: no response {item.response_id!r}")  # fmt: skip
-                items.append(item)
-            except FieldError as err:
-                problems.append(f"{args.file}:{n}: {err.message}")
+        for n, item in items:
+            if store.get_response(item.response_id) is None:
+                problems.append(f"{args.file}:{n}: response_id: no response {item.response_id!r}")
         if problems:
             _fail_rows(args.file, problems, len(rows))
+        items = [item for _, item in items]
         added = sum(store.add_feedback(item, source="file")[1] for item in items)
     finally:
         store.close()
@@ -157,7 +159,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
         config, _ = read_run(args.run)
         reference = DriftReference.from_texts(training_prompts(config["data"]["train"]))
-    store = FeedbackStore(args.db)
+    store = FeedbackStore(args.db, create=False)
     try:
         responses, feedback = store.responses(since), store.feedback(since)
     finally:
@@ -170,11 +172,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tuneforge.feedback.export import export_feedback, parse_since
+    from tuneforge.feedback.export import check_options, export_feedback, parse_since
     from tuneforge.feedback.store import FeedbackStore
 
     since = parse_since(args.since)
-    store = FeedbackStore(args.db)
+    check_options(args.min_rating, args.pii)
+    store = FeedbackStore(args.db, create=False)
     try:
         out = export_feedback(store, args.out, pairs=args.pairs, kto=args.kto, since=since,
                               min_score=args.min_rating, pii=args.pii)  # fmt: skip

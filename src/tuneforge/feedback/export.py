@@ -213,6 +213,13 @@ def parse_since(text: str | None, now: float | None = None) -> float:
     return (when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).timestamp()
 
 
+def check_options(min_score: float, pii: str) -> None:
+    if not 0.0 <= min_score <= 1.0:
+        raise FeedbackError(f"--min-rating: {min_score} is not a score between 0 and 1")
+    if pii not in PII_MODES:
+        raise FeedbackError(f"--pii: {pii!r} is not one of {', '.join(PII_MODES)}")
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -228,8 +235,7 @@ def export_feedback(
     pii: str = "drop",
 ) -> dict[str, Any]:
     """Write the SFT file (and the pairs / KTO files when asked); record each in the store."""
-    if not 0.0 <= min_score <= 1.0:
-        raise FeedbackError(f"--min-rating: {min_score} is not a score between 0 and 1")
+    check_options(min_score, pii)
     built = build_export(store.feedback(since), min_score, pii)
     filters = {"since": since, "min_score": min_score, "pii": pii}
     written: dict[str, Any] = {"dropped": dict(built.dropped)}

@@ -81,15 +81,22 @@ def make_engine(url: str, busy_timeout_s: float = 5.0) -> Engine:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Run the packaged migrations up to `revision` (adds tables and columns, never drops)."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # before import: it logs plugins
     from alembic import command
     from alembic.config import Config
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+
+
+def _must_exist(url: str) -> None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        if not Path(parsed.database).is_file():
+            raise StoreUnavailable(f"--db {parsed.database}: no such database file")
 
 
 def _dumps(value: Any) -> str:
@@ -104,9 +111,17 @@ class FeedbackStore:
     """
 
     def __init__(
-        self, url: str | Path, *, busy_timeout_s: float = 5.0, spool: str | Path | None = None
+        self,
+        url: str | Path,
+        *,
+        busy_timeout_s: float = 5.0,
+        spool: str | Path | None = None,
+        create: bool = True,
     ) -> None:
+        """`create=False`: refuse an SQLite file that does not exist yet (readers, not writers)."""
         self.url = database_url(url)
+        if not create:
+            _must_exist(self.url)
         self.engine = make_engine(self.url, busy_timeout_s)
         self.spool = JsonlRecordSink(spool) if spool else None
         try:

@@ -143,7 +143,10 @@ def _evaluate(run: Path, sets: dict[str, list[Example]]) -> dict[str, dict[str, 
             continue
         labelled = all(ex.label is not None for ex in examples) and len({ex.label for ex in examples}) > 1  # fmt: skip
         metrics = ["loss", "accuracy"] if labelled else ["loss"]
-        out[name] = evaluate_examples(loaded.model, loaded.tokenizer, examples, metrics)
+        out[name] = evaluate_examples(
+            loaded.model, loaded.tokenizer, examples, metrics,
+            positions_aligned=loaded.positions_aligned,
+        )  # fmt: skip
     return out
 
 
@@ -171,7 +174,7 @@ def run_retrain(job: RetrainJob) -> RetrainOutcome:
     _check_job(job)
     root = job.run_dir.resolve()
     served = promoted_dir(root)
-    store = FeedbackStore(job.db)
+    store = FeedbackStore(job.db, create=False)
     try:
         return _attempt(job, store, root, served)
     finally:
