@@ -141,7 +141,8 @@ def test_activation_arithmetic_matches_what_autograd_saves(options):
     spec = method_spec(options, arch)
     work = Workload(batches=[], packing=fast.packing)
     sizes = tuple(
-        (n, sum(1 for x in ex.labels[1:] if x != -100)) for n, ex in zip(lengths, examples)
+        (n, sum(1 for x in ex.labels[1:] if x != -100))
+        for n, ex in zip(lengths, examples, strict=True)
     )
     predicted = activation_bytes(arch, spec, work, sizes)
     labelled = sum(n for _, n in sizes)
