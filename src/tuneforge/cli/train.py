@@ -30,6 +30,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="resume even though the base model, data, max_length, batch size, method, seed or "
         "schedule changed (the result then differs from an uninterrupted run)",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="train even when the plan predicts more memory than is available",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("cv", help="k-fold cross-validation: K runs, mean ± std of every metric")
@@ -80,6 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
         resume=resume,
         allow_config_change=args.allow_config_change,
+        force=args.force,
     )
     if outcome.interrupted:
         code = interrupt_exit_code(outcome.interrupted)

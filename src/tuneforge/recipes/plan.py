@@ -124,6 +124,8 @@ def estimate(
     *,
     budget_bytes: int | None = None,
     calibrate_seconds: float = 1.5,
+    with_suggestions: bool = True,
+    fresh_calibration: bool = False,
 ) -> Plan:
     """Predict memory and time for `cfg` on its prepared data; suggest changes over budget."""
     from tuneforge.train.calibrate import available_memory_bytes, calibrate, current_rss_bytes
@@ -134,13 +136,19 @@ def estimate(
     base = current_rss_bytes()
     memory = memory_plan(arch, spec, work, base)
     mean_tokens = sum(work.tokens(b) for b in work.batches) // len(work.batches)
-    machine = calibrate(arch.hidden, arch.intermediate, mean_tokens, seconds=calibrate_seconds)
+    machine = calibrate(
+        arch.hidden,
+        arch.intermediate,
+        mean_tokens,
+        seconds=calibrate_seconds,
+        refresh=fresh_calibration,
+    )
     timing = time_plan(arch, spec, work, machine)
     source = "--memory" if budget_bytes is not None else "available"
     if budget_bytes is None:
         budget_bytes = available_memory_bytes() + base
     result = Plan(cfg.model.name, arch, spec, work, memory, timing, machine, budget_bytes, source)
-    if not result.fits:
+    if not result.fits and with_suggestions:
         result.suggestions = suggest(result)
     return result
 
@@ -212,31 +220,36 @@ def _truncate(work: Workload, max_length: int) -> Workload:
 
 def suggest(plan: Plan) -> list[Suggestion]:
     """Single changes that fit, least quality cost first; else the first cumulative set that
-    does. Raises PlanError when even every change together does not fit."""
+    does (a later change of the same key replacing an earlier one). Raises PlanError when even
+    every change together does not fit."""
     base = plan.memory.items.get("base process", 0)
-    found, spec, work, applied, costs = [], plan.spec, plan.work, [], []
-    memory = plan.memory
-    for overrides, cost, change in _candidates(plan):
-        s, w = change(plan.spec, plan.work)
-        memory = memory_plan(plan.arch, s, w, base)
-        if memory.peak_bytes <= plan.budget_bytes:
-            found.append(
-                Suggestion(overrides, cost, memory, time_plan(plan.arch, s, w, plan.machine))
-            )
-    if found:
-        return found
-    for overrides, cost, change in _candidates(plan):
-        spec, work = change(spec, work)
-        applied += overrides
-        costs.append(cost.split(";")[0])
+    found = []
+    candidates = _candidates(plan)
+    for overrides, cost, change in candidates:
+        spec, work = change(plan.spec, plan.work)
         memory = memory_plan(plan.arch, spec, work, base)
         if memory.peak_bytes <= plan.budget_bytes:
             timing = time_plan(plan.arch, spec, work, plan.machine)
-            return [Suggestion(applied, "; ".join(costs), memory, timing)]
+            found.append(Suggestion(overrides, cost, memory, timing))
+    if found:
+        return found
+    chosen: dict[str, tuple[list[str], str, Callable]] = {}
+    memory = plan.memory
+    for candidate in candidates:
+        chosen[candidate[0][0].split("=")[0]] = candidate
+        spec, work = plan.spec, plan.work
+        for _, _, change in chosen.values():
+            spec, work = change(spec, work)
+        memory = memory_plan(plan.arch, spec, work, base)
+        if memory.peak_bytes <= plan.budget_bytes:
+            overrides = [o for c in chosen.values() for o in c[0]]
+            costs = "; ".join(c[1].split(";")[0] for c in chosen.values())
+            timing = time_plan(plan.arch, spec, work, plan.machine)
+            return [Suggestion(overrides, costs, memory, timing)]
     raise PlanError(
-        f"plan: no setting fits in {plan.budget_bytes / GB:.1f} GB ({plan.budget_source}): "
-        f"even with {' '.join(applied) or 'every change'} the peak is "
-        f"{memory.peak_bytes / GB:.1f} GB (largest: {memory.biggest}); use a smaller model"
+        f"plan: no setting fits in {plan.budget_bytes / GB:.2f} GB ({plan.budget_source}): with "
+        f"every change the peak is still {memory.peak_bytes / GB:.2f} GB (largest: "
+        f"{memory.biggest}, {memory.items[memory.biggest] / GB:.2f} GB); use a smaller model"
     )
 
 
@@ -244,9 +257,15 @@ def check_memory(cfg: RunConfig, data: PreparedData, *, force: bool = False) -> 
     """The train recipe's check: the plan, or PlanError when the predicted peak exceeds the
     memory available now (naming the biggest item and the first change that fits)."""
     try:
-        plan = estimate(cfg, data, calibrate_seconds=1.0)
+        # Measured afresh (a second): the run's predicted step time is then checked against
+        # the machine as it is now, and the cache keeps the newest measurement.
+        plan = estimate(
+            cfg, data, calibrate_seconds=1.0, with_suggestions=not force, fresh_calibration=True
+        )
     except ModelError:
         return None  # not a shape the plan can size: train without a prediction
+    except PlanError as err:
+        raise PlanError(f"{err}; --force trains anyway") from None
     if plan.fits or force:
         return plan
     biggest = plan.memory.biggest

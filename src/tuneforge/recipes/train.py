@@ -9,7 +9,8 @@ from __future__ import annotations
 import copy
 import logging
 import resource
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from tuneforge.recipes.parts import (
     loop_settings,
     prepare_run_data,
 )
+from tuneforge.recipes.plan import Plan, check_memory
 from tuneforge.reporting.sinks import open_sinks
 from tuneforge.train.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
 from tuneforge.train.guards import StopSignals
@@ -76,6 +78,8 @@ class _Job:
     collate_fn: Any
     evaluator: Evaluator
     manifest: dict[str, Any]
+    plan: Plan | None = None  # the predicted memory and time (recipes/plan.py), where sized
+    step_ends: list[float] = field(default_factory=list)  # elapsed_s of each logged step
 
 
 def run_training(
@@ -84,11 +88,14 @@ def run_training(
     show_progress: bool = True,
     resume: str | None = None,
     allow_config_change: bool = False,
+    force: bool = False,
 ) -> TrainOutcome:
     """Train according to `cfg` and write the run directory. Returns its path and summary.
 
     `resume` ("auto" or a checkpoint name/path under output.dir/checkpoints) continues a run
-    exactly; a missing, corrupt or incompatible checkpoint raises CheckpointError.
+    exactly; a missing, corrupt or incompatible checkpoint raises CheckpointError. A run
+    predicted to exceed the memory available raises PlanError before the model loads, unless
+    `force`.
     """
     accelerator = _make_accelerator(cfg.train.seed)
     ckpt = _resume_checkpoint(cfg, resume) if resume else None  # fails before anything loads
@@ -97,7 +104,7 @@ def run_training(
         run = RunDir(cfg.output.dir, overwrite=cfg.output.overwrite, resume=ckpt is not None)
     sinks = open_sinks(run, cfg.log.tensorboard)
     accelerator.wait_for_everyone()
-    job = _prepare(cfg, accelerator, run, sinks)
+    job = _prepare(cfg, accelerator, run, sinks, force)
     state, counters, rng = _checkpointing(cfg, job, ckpt, allow_config_change)
     if run is not None:
         run.write_config(cfg.to_dict())
@@ -116,14 +123,16 @@ def run_training(
     return TrainOutcome(Path(cfg.output.dir), summary, checkpoint=state.last_saved)
 
 
-def _prepare(cfg: RunConfig, accelerator, run: RunDir | None, sinks: Any) -> _Job:
-    """Data, the wrapped model, optimizer and schedule, the evaluator and the manifest."""
+def _prepare(cfg: RunConfig, accelerator, run: RunDir | None, sinks: Any, force: bool) -> _Job:
+    """Data, the memory check, the wrapped model, optimizer and schedule, the evaluator and the
+    manifest."""
     check_license(cfg.model.name, cfg.model.accept_license)
     model_dir = resolve_model_dir(cfg.model.name)
     tokenizer = load_run_tokenizer(cfg, model_dir)
     data = prepare_run_data(cfg, tokenizer)
     if accelerator.is_main_process:
         _log_data(data)
+    plan = check_memory(cfg, data, force=force) if accelerator.device.type == "cpu" else None
     built = build_training_model(cfg, model_dir, data, accelerator)
     optimizer, scheduler = build_optimizer_and_schedule(cfg, built)
     model, optimizer = accelerator.prepare(built.model, optimizer)
@@ -155,6 +164,7 @@ def _prepare(cfg: RunConfig, accelerator, run: RunDir | None, sinks: Any) -> _Jo
         collate_fn,
         evaluator,
         manifest,
+        plan,
     )
 
 
@@ -162,6 +172,8 @@ def _train(cfg: RunConfig, job: _Job, state, counters, rng, show_progress: bool)
     """The loop itself, with Ctrl-C / SIGTERM turned into a checkpoint and a clean exit."""
 
     def on_log(record: dict[str, Any]) -> None:
+        if "elapsed_s" in record:
+            job.step_ends.append(record["elapsed_s"])
         job.evaluator.note_train_loss(record)
         job.sinks.emit(record)
 
@@ -258,6 +270,7 @@ def _finish(cfg: RunConfig, job: _Job, result: LoopResult) -> dict[str, Any]:
     job.accelerator.wait_for_everyone()
     unwrapped = job.accelerator.unwrap_model(job.model)
     trainable, total = built.params
+    summary_peak_mb = peak_memory_mb(job.accelerator.device)
     summary = {
         "steps": result.steps,
         "total_steps": built.total_steps,
@@ -266,7 +279,7 @@ def _finish(cfg: RunConfig, job: _Job, result: LoopResult) -> dict[str, Any]:
         "train_tokens": result.input_tokens,
         "loss_tokens": result.train_tokens,
         "tokens_per_s": round(result.input_tokens / max(result.runtime_s, 1e-9), 2),
-        "peak_memory_mb": round(peak_memory_mb(job.accelerator.device), 1),
+        "peak_memory_mb": round(summary_peak_mb, 1),
         "train_loss": result.mean_loss,
         "final_train_loss": result.last_loss,
         "skipped_steps": result.skipped_steps,  # non-finite steps (train.on_nonfinite: skip)
@@ -277,6 +290,7 @@ def _finish(cfg: RunConfig, job: _Job, result: LoopResult) -> dict[str, Any]:
         "method": {"name": cfg.method.name, **built.method.summary(unwrapped)},
         "artifact": built.method.artifact,
         "lr_groups": describe_param_groups(job.optimizer),
+        "plan": predicted_vs_measured(job.plan, summary_peak_mb, job.step_ends, cfg),
     }
     if run is not None:
         _save_artifacts(run, built.method, unwrapped, job.tokenizer, built.dtype)
@@ -302,3 +316,29 @@ def _save_artifacts(run: RunDir, method: Method, model, tokenizer, dtype: torch.
     write_dir_atomic(
         run.tokenizer_dir, lambda tmp: tokenizer.save_pretrained(str(tmp)), _FINAL_SAVE_NOTE
     )
+
+
+def predicted_vs_measured(
+    plan: Plan | None, peak_mb: float, step_ends: list[float], cfg: RunConfig
+) -> dict[str, Any] | None:
+    """The plan's peak memory and step time beside what the run measured (median step, so
+    that steps carrying an evaluation or a checkpoint do not count), for summary.json."""
+    if plan is None:
+        return None
+    steps = [b - a for a, b in zip([0.0, *step_ends[:-1]], step_ends, strict=True)]
+    every = cfg.train.log_every_steps
+    step_s = statistics.median(steps) / every if steps else None
+    predicted_mb = plan.memory.peak_bytes / 2**20
+    return {
+        "predicted_peak_mb": round(predicted_mb, 1),
+        "measured_peak_mb": round(peak_mb, 1),
+        "peak_ratio": round(peak_mb / predicted_mb, 3),
+        "predicted_step_s": round(plan.time.step_s, 3),
+        "measured_step_s": round(step_s, 3) if step_s else None,
+        "step_ratio": round(step_s / plan.time.step_s, 3) if step_s else None,
+        "memory_items_mb": {k: round(v / 2**20, 1) for k, v in plan.memory.items.items()},
+        "calibration": {
+            "matmul_gflops": round(plan.machine.matmul_flops / 1e9, 1),
+            "bandwidth_gb_s": round(plan.machine.bandwidth / 1e9, 2),
+        },
+    }

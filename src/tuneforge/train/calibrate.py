@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -55,15 +56,15 @@ def _cpu_name() -> str:
 
 
 def _timed(fn, seconds: float) -> float:
-    """Seconds per call of `fn`: the best of repeated calls within about `seconds`."""
+    """Seconds per call of `fn`: the median of repeated calls within about `seconds` (the
+    median, not the best: on a shared machine training sees the typical share of the CPU)."""
     fn()  # warm up (allocation, thread pool)
-    best, spent = float("inf"), 0.0
-    while spent < seconds:
+    times: list[float] = []
+    while sum(times) < seconds or len(times) < 3:
         start = time.perf_counter()
         fn()
-        took = time.perf_counter() - start
-        best, spent = min(best, took), spent + took
-    return best
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def measure(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 1.0) -> Machine:
@@ -75,8 +76,8 @@ def measure(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 1.0) ->
     forward = _timed(lambda: a @ b, seconds / 3)
     backward = _timed(lambda: g.T @ a, seconds / 3)  # a weight gradient's shape
     flops = 2 * m * k * n / ((forward + backward) / 2)
-    x = torch.ones(1 << 24)  # 64 MB: out of cache
-    copy = _timed(lambda: x.mul(2.0), seconds / 3)
+    x, y = torch.ones(1 << 24), torch.empty(1 << 24)  # 64 MB each: out of cache, no page faults
+    copy = _timed(lambda: torch.mul(x, 2.0, out=y), seconds / 3)
     return Machine(matmul_flops=flops, bandwidth=2 * x.numel() * 4 / copy)
 
 
@@ -88,8 +89,10 @@ def calibrate(
     *,
     seconds: float = 1.5,
     use_cache: bool = True,
+    refresh: bool = False,
 ) -> Machine:
-    """This machine's speeds at the model's shapes, measured once and cached."""
+    """This machine's speeds at the model's shapes, measured once and cached (`refresh`:
+    measured again now, and the cache updated)."""
     m = 1 << max(6, min(11, (max(tokens, 1) - 1).bit_length()))  # tokens, a power of 2 in 64..2048
     key = "|".join(
         [_cpu_name(), str(torch.get_num_threads()), torch.__version__, str(dtype)]
@@ -97,7 +100,7 @@ def calibrate(
     )
     path = cache_root() / CALIBRATION_FILE
     cached = _read(path) if use_cache else {}
-    if key in cached:
+    if key in cached and not refresh:
         return Machine(**cached[key])
     machine = measure(m, hidden, intermediate, dtype, seconds)
     if use_cache:
