@@ -17,8 +17,8 @@ from tuneforge.config import options_model
 from tuneforge.data.templates import apply_template, cut_at_text, end_of_turn, render_prompt
 from tuneforge.errors import ModelError, RunDirError
 from tuneforge.methods import Method, build_method
+from tuneforge.modelfiles import check_safetensors
 from tuneforge.models import (
-    check_safetensors,
     load_model,
     load_tokenizer,
     resolve_dtype,

@@ -52,6 +52,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zh-rouge", choices=["word", "char"], default="word")
     p.set_defaults(func=cmd_eval)
 
+    _add_score_parser(sub)
+
+    p = sub.add_parser("report", help="(re)write report.html and plots/ of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("generate", help="generate with a run's chat template")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--template", help=TEMPLATE_HELP)
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_score_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "score",
         help="BLEU / chrF / ROUGE / exact match of a predictions file against references",
@@ -81,19 +98,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--json", action="store_true", help="print one JSON object: metric -> 0-100 score"
     )
     p.set_defaults(func=cmd_score)
-
-    p = sub.add_parser("report", help="(re)write report.html and plots/ of a run directory")
-    p.add_argument("run_dir")
-    p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("generate", help="generate with a run's chat template")
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--system")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--template", help=TEMPLATE_HELP)
-    p.set_defaults(func=cmd_generate)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -5,26 +5,27 @@ model each method registers here (`register_method_options`); nothing here impor
 any method: the methods package imports this one, never the reverse.
 """
 
+from tuneforge.config.base import (
+    MethodSection,
+    Section,
+    method_names,
+    options_model,
+    register_method_options,
+)
 from tuneforge.config.loader import build_config, describe, load_config, parse_overrides
+from tuneforge.config.scarce import AugmentSection, MetaSection
 from tuneforge.config.sections import (
-    AugmentSection,
     CheckpointSection,
     DataSection,
     EarlyStoppingSection,
     EvalSection,
     LogSection,
     LrGroupSection,
-    MetaSection,
-    MethodSection,
     ModelSection,
     OutputSection,
     RunConfig,
-    Section,
     TrainSection,
     eval_metric_keys,
-    method_names,
-    options_model,
-    register_method_options,
 )
 
 __all__ = [

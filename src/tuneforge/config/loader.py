@@ -12,13 +12,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tuneforge.config.base import method_names, method_options, options_model
 from tuneforge.config.messages import format_errors
-from tuneforge.config.sections import (
-    RunConfig,
-    method_names,
-    method_options,
-    options_model,
-)
+from tuneforge.config.sections import RunConfig
 from tuneforge.errors import ConfigError
 
 

@@ -14,14 +14,14 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializeAsAny,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from tuneforge.config.messages import format_errors, not_one_of
+from tuneforge.config.base import MethodSection, Section, method_options
+from tuneforge.config.messages import not_one_of
+from tuneforge.config.scarce import AugmentSection, MetaSection
 from tuneforge.constants import (
-    AUGMENT_OPS,
     DATA_FORMATS,
     EVAL_METRICS,
     GENERATION_METRICS,
@@ -29,10 +29,6 @@ from tuneforge.constants import (
     LR_DIRECTIONS,
     SCHEDULES,
 )
-from tuneforge.errors import ConfigError
-
-#: Every method's options model by method name; `tuneforge.methods.register` fills it.
-_METHOD_OPTIONS: dict[str, type[MethodSection]] = {}
 
 
 def eval_metric_keys(metrics: list[str]) -> list[str]:
@@ -46,12 +42,6 @@ def eval_metric_keys(metrics: list[str]) -> list[str]:
         elif name in GENERATION_METRICS:
             keys.append(f"eval_{name}")
     return list(dict.fromkeys(keys))
-
-
-class Section(BaseModel):
-    """Base for config sections: unknown keys are errors, values are checked on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelSection(Section):
@@ -83,38 +73,6 @@ class ModelSection(Section):
         description="Override every dropout rate of the architecture (attention, hidden, "
         "embedding) where it has one; null keeps the checkpoint's own.",
     )
-
-
-class AugmentSection(Section):
-    ops: list[str] = Field(
-        default_factory=lambda: list(AUGMENT_OPS),
-        description="EDA transforms: synonym, insert, swap, delete; copy c of a row applies "
-        "ops[c mod len(ops)].",
-    )
-    n: int = Field(4, ge=1, description="Augmented copies made of each training row.")
-    alpha: float = Field(
-        0.1, gt=0.0, le=1.0, description="Strength: the share of a text's words a copy changes."
-    )
-    seed: int | None = Field(None, description="Seed of the copies; null: train.seed.")
-    lang: Literal["auto", "zh", "en"] = Field(
-        "auto",
-        description="Language whose words change (zh: Tongyici Cilin, en: WordNet); auto: "
-        "per text, by script. Set it for prompts that mix an English template with Chinese text.",
-    )
-    targets: bool = Field(
-        False,
-        description="Also change the answers (assistant turns, plain text); labels never change.",
-    )
-
-    @field_validator("ops")
-    @classmethod
-    def _known_ops(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError(f"give at least one of {', '.join(AUGMENT_OPS)}")
-        for name in v:
-            if name not in AUGMENT_OPS:
-                raise ValueError(not_one_of(name, AUGMENT_OPS))
-        return v
 
 
 class DataSection(Section):
@@ -377,60 +335,6 @@ class OutputSection(Section):
     overwrite: bool = Field(False, description="Allow writing into a non-empty run directory.")
 
 
-class MetaSection(Section):
-    algorithm: Literal["reptile", "fomaml"] = Field(
-        "reptile",
-        description="reptile: move the meta-adapter toward each task's adapted weights; fomaml: "
-        "first-order MAML, step along the query-set gradient at the adapted weights.",
-    )
-    tasks: str | list[str] = Field(
-        "task",
-        description="A field of data.train naming each row's task, or a list of files (one "
-        "task each, named by the file's stem).",
-    )
-    held_out: list[str] = Field(
-        default_factory=list,
-        description="Tasks kept out of meta-training; at the end each is adapted from the "
-        "meta-adapter and from a fresh adapter, and both query losses are reported.",
-    )
-    shots: int = Field(4, ge=1, description="Support rows per task per episode (k).")
-    query_shots: int = Field(4, ge=1, description="Query rows per task per episode.")
-    inner_steps: int = Field(5, ge=1, description="Optimizer steps on the support rows per task.")
-    inner_lr: float = Field(1e-3, gt=0, description="Learning rate of the inner steps.")
-    inner_optimizer: Literal["adam", "sgd"] = Field(
-        "adam",
-        description="adam: a fresh Adam per task with beta1 = 0 (as in the Reptile paper); sgd.",
-    )
-    meta_lr: float = Field(
-        1.0,
-        gt=0,
-        description="Outer rate: Reptile's step size epsilon toward the adapted weights (with "
-        "sgd), or the rate of the outer optimizer on the FOMAML gradient.",
-    )
-    meta_optimizer: Literal["sgd", "adam"] = Field(
-        "sgd", description="Optimizer of the meta-update (its state is checkpointed)."
-    )
-    meta_steps: int = Field(100, ge=1, description="Meta-updates (episodes).")
-    tasks_per_step: int = Field(
-        4, ge=1, description="Tasks sampled per meta-update (their updates are averaged)."
-    )
-    eval_episodes: int = Field(
-        4, ge=1, description="Adaptation episodes per held-out task in the final measurement."
-    )
-
-
-class MethodSection(BaseModel):
-    """Base of every method's options; each method subclasses it with its own keys."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    name: str = Field("lora", description="Fine-tuning method.")
-    init_from: str | None = Field(
-        None,
-        description="Start from the adapter of this run directory (e.g. a meta-train run) "
-        "instead of a fresh one; adapter methods only, with the same shapes.",
-    )
-
-
 class RunConfig(BaseModel):
     """The whole run. `method` is the registered method's own options model."""
 
@@ -479,36 +383,3 @@ class RunConfig(BaseModel):
         """A short hash of the resolved config, recorded in the manifest and checkpoints."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def register_method_options(name: str, options: type[MethodSection]) -> None:
-    """Make `method.name: NAME` validate with `options` (called by the method registry)."""
-    if name in _METHOD_OPTIONS:
-        raise ValueError(f"method {name!r} registered twice")
-    _METHOD_OPTIONS[name] = options
-
-
-def method_names() -> list[str]:
-    """Every registered method name (empty until `tuneforge.methods` has been imported)."""
-    return sorted(_METHOD_OPTIONS)
-
-
-def options_model(name: str) -> type[MethodSection]:
-    return _METHOD_OPTIONS[name]
-
-
-def method_options(value: dict[str, Any]) -> MethodSection:
-    """Validate the method section with the registered method's own options model."""
-    if not _METHOD_OPTIONS:  # a programming error, not a user's: the registry was never loaded
-        raise RuntimeError("no method is registered: import tuneforge.methods first")
-    name = value.get("name", "lora")
-    if not isinstance(name, str):
-        raise ConfigError(f"method.name: expected one of {', '.join(method_names())}, got {name!r}")
-    if name not in _METHOD_OPTIONS:
-        raise ConfigError(f"method.name: {not_one_of(name, method_names())}")
-    try:
-        return options_model(name).model_validate(value)
-    except ValidationError as err:
-        raise ConfigError(
-            "\n".join(format_errors(err, "method", root=options_model(name)))
-        ) from None
