@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from helpers import COLORS, THINGS, write_run_config, write_toy_messages
 from tuneforge.config import load_config
 from tuneforge.feedback.routes import feedback_router
 from tuneforge.feedback.store import FeedbackStore
@@ -21,6 +20,8 @@ from tuneforge.recipes.train import run_training
 from tuneforge.serve.app import create_app
 from tuneforge.serve.auth import ApiKeys
 from tuneforge.serve.engines.hf import TransformersEngine
+
+from helpers import COLORS, THINGS, write_run_config, write_toy_messages
 
 KEY = "loop-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
