@@ -8,7 +8,7 @@ that point are recorded here; the app, middleware and error handlers are app.py'
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from tuneforge.errors import TemplateError
 from tuneforge.serve.apierrors import APIError
 from tuneforge.serve.calls import Call, Runner
-from tuneforge.serve.engines.base import Engine, SamplingParams
+from tuneforge.serve.engines.base import Engine, Finished, SamplingParams
 from tuneforge.serve.limits import Limits, token_budget
 from tuneforge.serve.records import ResponseRecord, new_response_id
 from tuneforge.serve.schemas import (
@@ -100,11 +100,17 @@ def error_record(
 def openai_router(table: ModelTable, runner: Runner, limits: Limits) -> APIRouter:
     router = APIRouter()
 
-    async def guarded(route: str, request: Request, work: Callable[[float], Awaitable[Any]]):
+    async def answer(route: str, req: Any, request: Request) -> Response:
+        """Validate against the engine, submit, answer; refusals on the way are recorded."""
         started = time.perf_counter()
         request.state.body = await raw_body(request)
         try:
-            return await work(started)
+            engine = table.engine_for(req.model)
+            call = build_call(route, req, request, engine, started, limits)
+            runner.submit(call)
+            if req.stream:
+                return runner.stream(call)
+            return JSONResponse(response_body(call, await runner.complete(call)))
         except APIError as e:
             if not e.recorded:
                 record = error_record(route, request.state.body, started, e.status_code, e.message)
@@ -118,43 +124,7 @@ def openai_router(table: ModelTable, runner: Runner, limits: Limits) -> APIRoute
         summary="Chat completion (OpenAI format); `stream: true` answers with SSE chunks",
     )
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-        async def work(started: float) -> Response:
-            engine = table.engine_for(req.model)
-            messages = [
-                {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in req.messages
-            ]
-            try:
-                prompt, ids = engine.render_chat(req.model, messages)
-            except TemplateError as e:
-                raise APIError(400, f"messages: {e}", param="messages", code="template") from e
-            asked, field = req.token_budget()
-            call = _call(
-                CHAT, req, request, engine, prompt, ids, (asked, field, "messages"), started
-            )
-            runner.submit(call)
-            if req.stream:
-                return runner.stream(call)
-            done = await runner.complete(call)
-            return JSONResponse(
-                {
-                    "id": call.rid,
-                    "object": "chat.completion",
-                    "created": call.created,
-                    "model": req.model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": done.text},
-                            "finish_reason": done.finish_reason,
-                            "logprobs": None,
-                        }
-                    ],
-                    "usage": usage_dict(done.prompt_tokens, done.completion_tokens),
-                }
-            )
-
-        return await guarded(CHAT, request, work)
+        return await answer(CHAT, req, request)
 
     @router.post(
         COMPLETIONS,
@@ -163,81 +133,9 @@ def openai_router(table: ModelTable, runner: Runner, limits: Limits) -> APIRoute
         summary="Text completion (OpenAI format): the prompt as given, no chat template",
     )
     async def completions(req: CompletionRequest, request: Request) -> Response:
-        async def work(started: float) -> Response:
-            engine = table.engine_for(req.model)
-            ids = engine.encode_text(req.model, req.prompt)
-            asked, field = req.token_budget()
-            call = _call(
-                COMPLETIONS,
-                req,
-                request,
-                engine,
-                req.prompt,
-                ids,
-                (asked, field, "prompt"),
-                started,
-            )
-            runner.submit(call)
-            if req.stream:
-                return runner.stream(call)
-            done = await runner.complete(call)
-            return JSONResponse(
-                {
-                    "id": call.rid,
-                    "object": "text_completion",
-                    "created": call.created,
-                    "model": req.model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "text": done.text,
-                            "finish_reason": done.finish_reason,
-                            "logprobs": None,
-                        }
-                    ],
-                    "usage": usage_dict(done.prompt_tokens, done.completion_tokens),
-                }
-            )
+        return await answer(COMPLETIONS, req, request)
 
-        return await guarded(COMPLETIONS, request, work)
-
-    def _call(route, req, request, engine, prompt, ids, budget, started) -> Call:
-        asked, field, prompt_field = budget
-        max_tokens = token_budget(
-            len(ids), asked, field, prompt_field, engine.context_length, limits.max_tokens_cap
-        )
-        params = SamplingParams(
-            max_tokens, req.temperature, req.top_p, tuple(req.stops()), req.seed
-        )
-        rid = new_response_id(route)
-        created = int(time.time())
-        chat = route == CHAT
-
-        def chunk(text: str, finish: str | None) -> dict:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if not text and finish is None else {}
-                if text:
-                    delta = {"content": text}
-                return chat_chunk(rid, created, req.model, delta, finish)
-            return completion_chunk(rid, created, req.model, text, finish)
-
-        return Call(
-            route=route,
-            rid=rid,
-            model=req.model,
-            body=request.state.body,
-            prompt=prompt,
-            prompt_ids=ids,
-            params=params,
-            engine=engine,
-            request=request,
-            started=started,
-            chunk=chunk,
-            usage_in_stream=bool(req.stream_options and req.stream_options.include_usage),
-            created=created,
-        )
-
-    @router.get(MODELS, response_model=ModelList, responses={401: {"model": ErrorResponse}})
+    @router.get(MODELS, response_model=ModelList, responses={401: ERRORS[401]})
     async def list_models() -> ModelList:
         return ModelList(data=[ModelCard(id=name, created=table.created) for name in table.names()])
 
@@ -251,3 +149,71 @@ def openai_router(table: ModelTable, runner: Runner, limits: Limits) -> APIRoute
         return ModelCard(id=model, created=table.created)
 
     return router
+
+
+def render(route: str, req: Any, engine: Engine) -> tuple[str, list[int], str]:
+    """(prompt text, prompt ids, the request field holding the prompt)."""
+    if route == COMPLETIONS:
+        return req.prompt, engine.encode_text(req.model, req.prompt), "prompt"
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for m in req.messages
+    ]
+    try:
+        prompt, ids = engine.render_chat(req.model, messages)
+    except TemplateError as e:
+        raise APIError(400, f"messages: {e}", param="messages", code="template") from e
+    return prompt, ids, "messages"
+
+
+def build_call(
+    route: str, req: Any, request: Request, engine: Engine, started: float, limits: Limits
+) -> Call:
+    """Render the prompt, fit the token budget (400 when it cannot fit) and describe the call."""
+    prompt, ids, prompt_field = render(route, req, engine)
+    asked, field = req.token_budget()
+    max_tokens = token_budget(
+        len(ids), asked, field, prompt_field, engine.context_length, limits.max_tokens_cap
+    )
+    params = SamplingParams(max_tokens, req.temperature, req.top_p, tuple(req.stops()), req.seed)
+    rid, created = new_response_id(route), int(time.time())
+
+    def chunk(text: str, finish: str | None) -> dict:
+        if route == COMPLETIONS:
+            return completion_chunk(rid, created, req.model, text, finish)
+        delta = {"content": text} if text else {}
+        if not text and finish is None:  # the first chunk carries the role
+            delta = {"role": "assistant", "content": ""}
+        return chat_chunk(rid, created, req.model, delta, finish)
+
+    return Call(
+        route=route,
+        rid=rid,
+        model=req.model,
+        body=request.state.body,
+        prompt=prompt,
+        prompt_ids=ids,
+        params=params,
+        engine=engine,
+        request=request,
+        started=started,
+        chunk=chunk,
+        usage_in_stream=bool(req.stream_options and req.stream_options.include_usage),
+        created=created,
+    )
+
+
+def response_body(call: Call, done: Finished) -> dict[str, Any]:
+    """The non-streamed answer: a chat.completion or a text_completion object."""
+    if call.route == COMPLETIONS:
+        kind, choice = "text_completion", {"text": done.text}
+    else:
+        kind, choice = "chat.completion", {"message": {"role": "assistant", "content": done.text}}
+    return {
+        "id": call.rid,
+        "object": kind,
+        "created": call.created,
+        "model": call.model,
+        "choices": [{"index": 0, **choice, "finish_reason": done.finish_reason, "logprobs": None}],
+        "usage": usage_dict(done.prompt_tokens, done.completion_tokens),
+    }
