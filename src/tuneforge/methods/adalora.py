@@ -69,6 +69,7 @@ class AdaLora(Method):
     )  # measured: 5e-4 barely moves it in 30 steps (E starts at zero)
     Options = AdaLoraOptions
     mergeable = True
+    shardable = False  # the rank allocator scores whole matrices every step
     _tuner: Any = None  # peft's AdaLoraModel, once `apply` has run: owns the rank allocator
 
     def apply(self, model):

@@ -45,6 +45,8 @@ def run_manifest(
         "dtype": str(built.dtype).removeprefix("torch."),
         "device": str(accelerator.device),
         "world_size": accelerator.num_processes,
+        "strategy": getattr(accelerator, "strategy", "single"),
+        "quantize": cfg.model.quantize,
         "trainable_params": trainable,
         "total_params": total,
         "total_steps": built.total_steps,

@@ -22,6 +22,12 @@ from tuneforge.data.pipeline import PreparedData, collate
 from tuneforge.evaluation.evaluator import Evaluator
 from tuneforge.methods import Method
 from tuneforge.models import resolve_model_dir
+from tuneforge.recipes.distributed import (
+    agree_on_config,
+    check_method,
+    run_accelerator,
+    run_strategy,
+)
 from tuneforge.recipes.manifest import resume_identity, run_manifest
 from tuneforge.recipes.parts import (
     TrainingModel,
@@ -40,6 +46,7 @@ from tuneforge.train.optim import describe_param_groups
 from tuneforge.train.regularize import l1_penalty
 from tuneforge.train.resume import TrainingState, set_rng_state, start_checkpointing
 from tuneforge.train.rundir import RunDir
+from tuneforge.train.strategy import full_state_dict, prepare_training
 
 log = logging.getLogger("tuneforge")
 
@@ -89,7 +96,9 @@ def run_training(
     `resume` ("auto" or a checkpoint name/path under output.dir/checkpoints) continues a run
     exactly; a missing, corrupt or incompatible checkpoint raises CheckpointError.
     """
-    accelerator = _make_accelerator(cfg.train.seed)
+    strategy = run_strategy(cfg)  # a strategy that cannot run this config fails here
+    accelerator = run_accelerator(cfg, strategy)
+    agree_on_config(accelerator, cfg)
     ckpt = _resume_checkpoint(cfg, resume) if resume else None  # fails before anything loads
     run = None
     if accelerator.is_main_process:
@@ -123,8 +132,10 @@ def _prepare(cfg: RunConfig, accelerator, run: RunDir | None, sinks: Any) -> _Jo
     if accelerator.is_main_process:
         _log_data(data)
     built = build_training_model(cfg, model_dir, data, accelerator)
-    optimizer, scheduler = build_optimizer_and_schedule(cfg, built)
-    model, optimizer = accelerator.prepare(built.model, optimizer)
+    check_method(accelerator.strategy, built.method)
+    model, optimizer, scheduler = prepare_training(
+        accelerator, built.model, lambda _: build_optimizer_and_schedule(cfg, built)
+    )
     padded = partial(collate, pad_id=tokenizer.pad_token_id)
     collate_fn = pack_examples if built.fast.packing else padded
     evaluator = build_evaluator(
@@ -184,15 +195,6 @@ def _train(cfg: RunConfig, job: _Job, state, counters, rng, show_progress: bool)
         )
 
 
-def _make_accelerator(seed: int):
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    set_seed(seed)
-    return accelerator
-
-
 def _log_data(data: PreparedData) -> None:
     rep = data.report
     log.info(
@@ -246,6 +248,7 @@ def _checkpointing(
         callbacks=stateful,
         meta={"identity": identity, "config": cfg.to_dict(), "config_digest": cfg.digest()},
         score=score,
+        sharded=job.accelerator.strategy == "fsdp2",
     )
 
 
@@ -276,16 +279,23 @@ def _finish(cfg: RunConfig, job: _Job, result: LoopResult) -> dict[str, Any]:
         "artifact": built.method.artifact,
         "lr_groups": describe_param_groups(job.optimizer),
     }
+    state = full_state_dict(job.accelerator, job.model)  # sharded weights, gathered to rank 0
     if run is not None:
-        _save_artifacts(run, built.method, unwrapped, job.tokenizer, built.dtype)
+        _save_artifacts(run, built.method, unwrapped, job.tokenizer, built.dtype, state)
         run.write_summary(summary)
     return summary
 
 
-def _save_artifacts(run: RunDir, method: Method, model, tokenizer, dtype: torch.dtype) -> None:
+def _save_artifacts(
+    run: RunDir, method: Method, model, tokenizer, dtype: torch.dtype, state=None
+) -> None:
+    """The plain PEFT adapter or HF model; `state` holds the weights when they were sharded."""
     target = run.adapter_dir if method.artifact == "adapter" else run.model_dir
     if method.artifact == "model":
         # Save in the dtype the model was loaded in, not the fp32 master copies.
-        model = copy.deepcopy(model).to(dtype)
-    method.save(model, str(target))
+        if state is None:
+            model = copy.deepcopy(model).to(dtype)
+        else:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    method.save(model, str(target), state)
     tokenizer.save_pretrained(str(run.tokenizer_dir))
