@@ -20,8 +20,6 @@ from tuneforge.train.loop import evaluate_loss
 
 from helpers import CpuAccelerator, write_run_config, write_toy_messages
 
-pytest.importorskip("bitsandbytes")  # a dev dependency: installed by `make install`
-
 GAP = 0.01  # relative: adapter on the fp32 base vs. on the nf4 base it was trained on
 
 

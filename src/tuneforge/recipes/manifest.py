@@ -47,6 +47,7 @@ def run_manifest(
         "world_size": accelerator.num_processes,
         "strategy": getattr(accelerator, "strategy", "single"),
         "quantize": cfg.model.quantize,
+        "liger_kernel": cfg.train.liger_kernel,
         "trainable_params": trainable,
         "total_params": total,
         "total_steps": built.total_steps,

@@ -40,6 +40,7 @@ from tuneforge.recipes.parts import (
 )
 from tuneforge.reporting.sinks import open_sinks
 from tuneforge.train.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
+from tuneforge.train.collective import gathered
 from tuneforge.train.guards import StopSignals
 from tuneforge.train.loop import LoopResult, train_loop
 from tuneforge.train.optim import describe_param_groups
@@ -268,6 +269,10 @@ def _finish(cfg: RunConfig, job: _Job, result: LoopResult) -> dict[str, Any]:
         "loss_tokens": result.train_tokens,
         "tokens_per_s": round(result.input_tokens / max(result.runtime_s, 1e-9), 2),
         "peak_memory_mb": round(peak_memory_mb(job.accelerator.device), 1),
+        "peak_memory_mb_per_rank": [  # every process's own peak, rank order
+            round(v, 1) for v in gathered(job.accelerator, peak_memory_mb(job.accelerator.device))
+        ],
+        "strategy": job.accelerator.strategy,
         "train_loss": result.mean_loss,
         "final_train_loss": result.last_loss,
         "skipped_steps": result.skipped_steps,  # non-finite steps (train.on_nonfinite: skip)

@@ -82,6 +82,12 @@ class DeepSpeedAccelerator:
 
     strategy = "deepspeed"
 
+    def backward(self, loss: torch.Tensor, **kwargs) -> None:
+        # The loop's loss is already normalised over the step's micro-batches; DeepSpeed divides
+        # by its gradient_accumulation_steps again, so that is undone here.
+        steps = self.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"]
+        super().backward(loss * steps, **kwargs)
+
     @contextlib.contextmanager
     def no_sync(self, model: torch.nn.Module) -> Iterator[None]:
         self.gradient_state._set_sync_gradients(False)
