@@ -2,7 +2,8 @@
 or SIGKILL at the N-th write tick of a checkpoint save. Used by the kill-and-resume tests.
 
 Usage: python tests/kill_runner.py [--kill-at-forward K] [--signal-at-forward K:SIGTERM[,SIGINT]]
-           [--kill-at-save-tick N] -- train CONFIG ... (the tuneforge CLI arguments)
+           [--kill-at-save-tick N] [--rank R] -- train CONFIG ... (the tuneforge CLI arguments)
+Under torchrun, --rank R gives only that rank the fault; KILL_STAMP=FILE records when it died.
 A tick is one byte written by the checkpoint writer, or one directory operation (fsync, rename).
 Also the tests' helpers to start it and read a run dir. Kept in tests/: the package knows nothing
 of it.
@@ -16,10 +17,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
 def _die() -> None:
+    stamp = os.environ.get("KILL_STAMP")  # when the kill happened, for the bounded-exit tests
+    if stamp:
+        Path(stamp).write_text(repr(time.time()))
     sys.stdout.flush()
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
@@ -146,8 +151,11 @@ def main() -> int:
     parser.add_argument("--kill-at-forward", type=int)
     parser.add_argument("--signal-at-forward")
     parser.add_argument("--kill-at-save-tick", type=int)
+    parser.add_argument("--rank", type=int, help="under torchrun: only this rank has the fault")
     parser.add_argument("cli", nargs=argparse.REMAINDER)
     args = parser.parse_args()
+    if args.rank is not None and int(os.environ.get("RANK", "0")) != args.rank:
+        args.kill_at_forward = args.signal_at_forward = args.kill_at_save_tick = None
     signal_at = None
     if args.signal_at_forward:
         k, names = args.signal_at_forward.split(":")

@@ -283,11 +283,18 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
     gradient_checkpointing: bool = False,
+    quantize: str | None = None,
+    device: torch.device | str | None = None,
 ):
-    """Load a causal LM from a local directory, with safetensors only."""
+    """Load a causal LM from a local directory, with safetensors only.
+
+    `quantize="nf4"` loads the linear layers (not the head) in 4-bit NormalFloat through
+    bitsandbytes, computing in `dtype`, placed on `device` (QLoRA's base; it trains no weights).
+    """
     from transformers import AutoModelForCausalLM
 
     check_model_files(Path(model_dir), trust_remote_code)
+    extra = _quantized(quantize, dtype, device) if quantize else {}
     with loader_errors(model_dir, "model"):
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir),
@@ -295,11 +302,33 @@ def load_model(
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
             use_safetensors=True,
+            **extra,
         )
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def _quantized(kind: str, dtype: torch.dtype, device: torch.device | str | None) -> dict:
+    """from_pretrained arguments for a bitsandbytes 4-bit base."""
+    if kind != "nf4":
+        raise ModelError(f"model.quantize: {kind!r} is not one of nf4")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise ModelError(
+            "model.quantize: nf4 needs the bitsandbytes package: pip install bitsandbytes"
+        ) from None
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+    return {"quantization_config": config, "device_map": {"": str(device or "cpu")}}
 
 
 def weights_fingerprint(model_dir: str | Path) -> str:

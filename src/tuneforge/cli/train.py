@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from tuneforge.errors import UsageError
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune from a YAML config")
@@ -27,8 +29,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--allow-config-change",
         action="store_true",
-        help="resume even though the base model, data, max_length, batch size, method, seed or "
-        "schedule changed (the result then differs from an uninterrupted run)",
+        help="resume even though the base model, data, max_length, batch size, method, seed, "
+        "schedule or number of processes changed (the result then differs from an "
+        "uninterrupted run)",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train on N processes of this machine (torchrun --standalone for you; "
+        "train.strategy picks ddp or fsdp2); multi-node: see docs/scaling.md",
+    )
+    p.add_argument(
+        "--port", type=int, help="with --nproc: the rendezvous port (default: a free one)"
     )
     p.add_argument(
         "--force",
@@ -77,6 +90,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if resume is not None and "=" in resume and not Path(resume).exists():
         resume, overrides = "auto", [*overrides, resume]  # `--resume key=value`: argparse took it
     cfg = load_config(args.config, overrides)  # fails before anything heavy is imported
+    if args.nproc is not None:
+        return _launch(args, resume, overrides)
+    if args.port is not None:
+        raise UsageError("--port: only with --nproc N")
     from tuneforge.recipes.train import run_training
     from tuneforge.train.guards import interrupt_exit_code
 
@@ -109,6 +126,18 @@ def cmd_train(args: argparse.Namespace) -> int:
                 + "  ".join(f"{k} {v:.4f}" for k, v in s["eval"].items() if isinstance(v, float))
             )
     return 0
+
+
+def _launch(args: argparse.Namespace, resume: str | None, overrides: list[str]) -> int:
+    """`train ... --nproc N`: the same command on N processes (the config was checked once)."""
+    from tuneforge.train.launch import launch_local
+
+    argv = ["-v"] if args.verbose else []
+    argv += ["train", args.config, *overrides]
+    argv += ["--quiet"] if args.quiet else []
+    argv += ["--resume", resume] if resume is not None else []
+    argv += ["--allow-config-change"] if args.allow_config_change else []
+    return launch_local(argv, args.nproc, args.port)
 
 
 def cmd_cv(args: argparse.Namespace) -> int:

@@ -73,6 +73,11 @@ class ModelSection(Section):
         description="Override every dropout rate of the architecture (attention, hidden, "
         "embedding) where it has one; null keeps the checkpoint's own.",
     )
+    quantize: Literal["nf4"] | None = Field(
+        None,
+        description="nf4: load the frozen base in 4-bit NormalFloat (bitsandbytes) and train an "
+        "adapter on it (QLoRA); null: no quantisation.",
+    )
 
 
 class DataSection(Section):
@@ -245,6 +250,26 @@ class TrainSection(Section):
     compile: bool = Field(
         False, description="torch.compile each decoder block (slow to start; measure first)."
     )
+    strategy: Literal["auto", "single", "ddp", "fsdp2", "deepspeed"] = Field(
+        "auto",
+        description="How processes share the work: single, ddp (replicas), fsdp2 (weights, "
+        "gradients and optimizer state sharded per decoder block) or deepspeed (ZeRO, CUDA only); "
+        "auto: ddp under a launcher, else single. Start several with --nproc N.",
+    )
+    zero_stage: Literal[2, 3] = Field(
+        2,
+        description="DeepSpeed ZeRO stage with train.strategy: deepspeed (3 also shards weights).",
+    )
+    dist_timeout_s: int = Field(
+        600,
+        gt=0,
+        description="Seconds a collective waits for a missing rank before the job fails.",
+    )
+    liger_kernel: bool = Field(
+        False,
+        description="CUDA only: swap in liger-kernel's fused RMSNorm, SwiGLU and RoPE kernels "
+        "where the architecture has them (pip install liger-kernel).",
+    )
     num_threads: int | None = Field(
         None,
         gt=0,
@@ -368,6 +393,11 @@ class RunConfig(BaseModel):
             )
         if self.eval.generate and self.data.validation is None:
             raise ValueError("eval.generate needs a validation set, but data.validation is null")
+        if self.model.quantize and self.train.strategy in ("fsdp2", "deepspeed"):
+            raise ValueError(
+                f"model.quantize: nf4 runs with train.strategy single or ddp, not "
+                f"{self.train.strategy} (a 4-bit base cannot be sharded)"
+            )
         if es is not None and es.metric not in eval_metric_keys(self.eval.metrics):
             allowed = ", ".join(eval_metric_keys(self.eval.metrics))
             raise ValueError(

@@ -36,6 +36,9 @@ class Method:
     #: `tuneforge compare`'s default line-up: `key=value[:key=value...]` specs for this method
     #: (method keys, and `train.KEY` for train keys), each at a rate suited to it.
     compare_specs: ClassVar[tuple[str, ...]] = ()
+    #: False where the method needs whole weight matrices or state outside the decoder blocks
+    #: at every step, so that it cannot run with sharded weights (FSDP2, DeepSpeed ZeRO).
+    shardable: ClassVar[bool] = True
 
     def __init__(self, options: MethodSection) -> None:
         self.options = options
@@ -67,8 +70,12 @@ class Method:
         """The model as evaluation and generation should call it (default: itself)."""
         return model
 
-    def save(self, model: torch.nn.Module, path: str) -> None:
-        model.save_pretrained(path, safe_serialization=True)
+    def save(
+        self, model: torch.nn.Module, path: str, state_dict: dict[str, Any] | None = None
+    ) -> None:
+        """Save the result; `state_dict` (gathered from sharded weights) replaces the model's own."""
+        extra = {} if state_dict is None else {"state_dict": state_dict}
+        model.save_pretrained(path, safe_serialization=True, **extra)
 
     def load(self, base: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
         """The saved adapter on `base`, frozen, as evaluation and generation call it.

@@ -69,6 +69,7 @@ class AdaLora(Method):
     )  # measured: 5e-4 barely moves it in 30 steps (E starts at zero)
     Options = AdaLoraOptions
     mergeable = True
+    shardable = False  # the rank allocator scores whole matrices every step
     _tuner: Any = None  # peft's AdaLoraModel, once `apply` has run: owns the rank allocator
 
     def apply(self, model):
@@ -128,6 +129,21 @@ class AdaLora(Method):
         # Gradients are still there (importance scores use them); step + 1 steps are done.
         peft_model = getattr(model, "module", model)  # DDP wraps the model
         peft_model.base_model.update_and_allocate(step + 1)
+
+    def save(self, model, path: str, state_dict=None) -> None:
+        """peft's AdaLoRA save, except that a module pruned to rank 0 keeps one slot: its lora_E
+        entry is zero (the allocator masked it), so the module still adds exactly nothing, and the
+        adapter holds no zero-sized tensor (which loaders and peft's own check reject)."""
+        config = model.peft_config["default"]
+        pattern = config.rank_pattern
+        if pattern:
+            config.rank_pattern = {
+                k: v if any(v) else [True] + [False] * (len(v) - 1) for k, v in pattern.items()
+            }
+        try:
+            super().save(model, path, state_dict)
+        finally:
+            config.rank_pattern = pattern
 
     def summary(self, model) -> dict[str, Any]:
         config = model.peft_config["default"]

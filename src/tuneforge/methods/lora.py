@@ -132,12 +132,14 @@ class Lora(Method):
         ratio = self.options.lora_plus_ratio
         return ratio if ratio is not None and "lora_B" in param_name else 1.0
 
-    def save(self, model, path: str) -> None:
+    def save(self, model, path: str, state_dict=None) -> None:
         if self.initial_adapter is None:
-            return super().save(model, path)
+            return super().save(model, path, state_dict)
+        extra = {} if state_dict is None else {"state_dict": state_dict}
         # B·A - B0·A0 as a rank-2r LoRA on the original base weights.
         model.save_pretrained(
             path,
             safe_serialization=True,
+            **extra,
             path_initial_model_for_weight_conversion=str(self.initial_adapter),
         )

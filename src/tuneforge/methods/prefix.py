@@ -32,6 +32,7 @@ class PromptLearningMethod(Method):
     """Shared by prefix, prompt and P-tuning: peft builds it; not mergeable into the weights."""
 
     adds_virtual_tokens = True
+    shardable = False  # the virtual-token tables live outside the decoder blocks (untested)
 
     def peft_config(self, model) -> Any:
         raise NotImplementedError

@@ -35,7 +35,7 @@ from tuneforge.models import (
     weights_fingerprint,
 )
 from tuneforge.train.callbacks import EarlyStopping, OverfitMonitor
-from tuneforge.train.fastpath import FastPath, prepare_fast_path
+from tuneforge.train.fastpath import FastPath, prepare_fast_path, use_liger_kernel
 from tuneforge.train.loop import LoopSettings
 from tuneforge.train.optim import build_optimizer, build_scheduler, warmup_steps_for
 from tuneforge.train.order import total_steps_for
@@ -112,19 +112,28 @@ def build_training_model(cfg: RunConfig, model_dir: Path, data, accelerator) -> 
     dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
     m, t = cfg.model, cfg.train
     check_init_from(cfg, model_dir)  # before the model loads
+    method = build_method(cfg.method)
+    if m.quantize and method.artifact != "adapter":
+        raise ConfigError(
+            f"model.quantize: nf4 trains an adapter on a frozen 4-bit base; method.name "
+            f"{cfg.method.name} trains the base weights (use lora, or model.quantize: null)"
+        )
     model = load_model(
         model_dir,
         dtype,
         trust_remote_code=m.trust_remote_code,
         attn_implementation=m.attn_implementation,
         gradient_checkpointing=m.gradient_checkpointing,
+        quantize=m.quantize,
+        device=accelerator.device,
     )
     if m.dropout is not None:
         override_dropout(model, m.dropout)
+    if t.liger_kernel:
+        use_liger_kernel(model, accelerator.device)
     total_steps = t.max_steps or total_steps_for(
         len(data.train), t.batch_size, t.grad_accum, accelerator.num_processes, t.epochs
     )
-    method = build_method(cfg.method)
     method.plan(total_steps)  # before apply: AdaLoRA's rank schedule spans the run
     model = method.apply(model)
     if cfg.method.init_from:

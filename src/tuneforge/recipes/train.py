@@ -24,6 +24,12 @@ from tuneforge.evaluation.evaluator import Evaluator
 from tuneforge.methods import Method
 from tuneforge.models import check_license, resolve_model_dir
 from tuneforge.paths import write_dir_atomic, writing
+from tuneforge.recipes.distributed import (
+    agree_on_config,
+    check_method,
+    run_accelerator,
+    run_strategy,
+)
 from tuneforge.recipes.manifest import resume_identity, run_manifest
 from tuneforge.recipes.parts import (
     TrainingModel,
@@ -37,12 +43,14 @@ from tuneforge.recipes.parts import (
 from tuneforge.recipes.plan import Plan, check_memory
 from tuneforge.reporting.sinks import open_sinks
 from tuneforge.train.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
+from tuneforge.train.collective import gathered
 from tuneforge.train.guards import StopSignals
 from tuneforge.train.loop import LoopResult, train_loop
 from tuneforge.train.optim import describe_param_groups
 from tuneforge.train.regularize import l1_penalty
 from tuneforge.train.resume import TrainingState, set_rng_state, start_checkpointing
 from tuneforge.train.rundir import RunDir
+from tuneforge.train.strategy import full_state_dict, prepare_training
 
 log = logging.getLogger("tuneforge")
 
@@ -97,7 +105,9 @@ def run_training(
     predicted to exceed the memory available raises PlanError before the model loads, unless
     `force`.
     """
-    accelerator = _make_accelerator(cfg.train.seed)
+    strategy = run_strategy(cfg)  # a strategy that cannot run this config fails here
+    accelerator = run_accelerator(cfg, strategy)
+    agree_on_config(accelerator, cfg)
     ckpt = _resume_checkpoint(cfg, resume) if resume else None  # fails before anything loads
     run = None
     if accelerator.is_main_process:
@@ -134,8 +144,10 @@ def _prepare(cfg: RunConfig, accelerator, run: RunDir | None, sinks: Any, force:
         _log_data(data)
     plan = check_memory(cfg, data, force=force) if accelerator.device.type == "cpu" else None
     built = build_training_model(cfg, model_dir, data, accelerator)
-    optimizer, scheduler = build_optimizer_and_schedule(cfg, built)
-    model, optimizer = accelerator.prepare(built.model, optimizer)
+    check_method(accelerator.strategy, built.method)
+    model, optimizer, scheduler = prepare_training(
+        accelerator, built.model, lambda _: build_optimizer_and_schedule(cfg, built)
+    )
     padded = partial(collate, pad_id=tokenizer.pad_token_id)
     collate_fn = pack_examples if built.fast.packing else padded
     evaluator = build_evaluator(
@@ -198,15 +210,6 @@ def _train(cfg: RunConfig, job: _Job, state, counters, rng, show_progress: bool)
         )
 
 
-def _make_accelerator(seed: int):
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    set_seed(seed)
-    return accelerator
-
-
 def _log_data(data: PreparedData) -> None:
     rep = data.report
     log.info(
@@ -260,6 +263,7 @@ def _checkpointing(
         callbacks=stateful,
         meta={"identity": identity, "config": cfg.to_dict(), "config_digest": cfg.digest()},
         score=score,
+        sharded=job.accelerator.strategy == "fsdp2",
     )
 
 
@@ -280,6 +284,10 @@ def _finish(cfg: RunConfig, job: _Job, result: LoopResult) -> dict[str, Any]:
         "loss_tokens": result.train_tokens,
         "tokens_per_s": round(result.input_tokens / max(result.runtime_s, 1e-9), 2),
         "peak_memory_mb": round(summary_peak_mb, 1),
+        "peak_memory_mb_per_rank": [  # every process's own peak, rank order
+            round(v, 1) for v in gathered(job.accelerator, peak_memory_mb(job.accelerator.device))
+        ],
+        "strategy": job.accelerator.strategy,
         "train_loss": result.mean_loss,
         "final_train_loss": result.last_loss,
         "skipped_steps": result.skipped_steps,  # non-finite steps (train.on_nonfinite: skip)
@@ -292,8 +300,9 @@ def _finish(cfg: RunConfig, job: _Job, result: LoopResult) -> dict[str, Any]:
         "lr_groups": describe_param_groups(job.optimizer),
         "plan": predicted_vs_measured(job.plan, summary_peak_mb, job.step_ends, cfg),
     }
+    state = full_state_dict(job.accelerator, job.model)  # sharded weights, gathered to rank 0
     if run is not None:
-        _save_artifacts(run, built.method, unwrapped, job.tokenizer, built.dtype)
+        _save_artifacts(run, built.method, unwrapped, job.tokenizer, built.dtype, state)
         with writing(run.path / "summary.json", _FINAL_SAVE_NOTE):
             run.write_summary(summary)
     return summary
@@ -306,13 +315,19 @@ _FINAL_SAVE_NOTE = (
 )
 
 
-def _save_artifacts(run: RunDir, method: Method, model, tokenizer, dtype: torch.dtype) -> None:
-    """adapter/ (or model/) and tokenizer/, each written beside its final name and renamed in."""
+def _save_artifacts(
+    run: RunDir, method: Method, model, tokenizer, dtype: torch.dtype, state=None
+) -> None:
+    """adapter/ (or model/) and tokenizer/, each written beside its final name and renamed in;
+    `state` holds the weights when they were sharded (FSDP2), gathered on rank 0."""
     target = run.adapter_dir if method.artifact == "adapter" else run.model_dir
     if method.artifact == "model":
         # Save in the dtype the model was loaded in, not the fp32 master copies.
-        model = copy.deepcopy(model).to(dtype)
-    write_dir_atomic(target, lambda tmp: method.save(model, str(tmp)), _FINAL_SAVE_NOTE)
+        if state is None:
+            model = copy.deepcopy(model).to(dtype)
+        else:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    write_dir_atomic(target, lambda tmp: method.save(model, str(tmp), state), _FINAL_SAVE_NOTE)
     write_dir_atomic(
         run.tokenizer_dir, lambda tmp: tokenizer.save_pretrained(str(tmp)), _FINAL_SAVE_NOTE
     )

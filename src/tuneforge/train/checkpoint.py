@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from tuneforge.errors import CheckpointError, UnsafePathError
 from tuneforge.paths import confined, writing
+from tuneforge.train.sharded import SHARDS_DIR
 
 FORMAT = "tuneforge-checkpoint"
 VERSION = 1
@@ -225,6 +226,11 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.meta["step"])
 
+    @property
+    def sharded(self) -> bool:
+        """True for a checkpoint whose weights and optimizer state are per-rank shards (FSDP2)."""
+        return any(name.startswith(f"{SHARDS_DIR}/") for name in self.meta["files"])
+
     def has(self, name: str) -> bool:
         return f"{name}.json" in self.meta["files"] or f"{name}.safetensors" in self.meta["files"]
 
@@ -253,6 +259,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: not a {FORMAT} v{VERSION} checkpoint")
     for name, info in meta["files"].items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{path}/{META}: file name {name!r} leaves the checkpoint")
         if not (path / name).is_file() or (path / name).is_symlink():
             raise CheckpointError(f"{path}: {name} is missing; {hint}")
         if _file_info(path / name) != {"bytes": info["bytes"], "sha256": info["sha256"]}:
@@ -321,8 +329,14 @@ class Checkpointer:
         shared: dict[str, dict[str, Payload]],
         per_rank: dict[str, Payload],
         meta: dict[str, Any],
+        collective: Callable[[Path], dict[str, dict[str, Payload]]] | None = None,
     ) -> Path:
-        """Write one checkpoint. `shared` maps names to files (from `state_files`/`tensor_files`)."""
+        """Write one checkpoint. `shared` maps names to files (from `state_files`/`tensor_files`).
+
+        `collective(tmp_dir)`, when given, runs on every rank while the checkpoint is still
+        temporary (a sharded writer: each rank writes its own files under it); it returns more
+        shared files, written by rank 0. Every file, in subdirectories too, is in the manifest.
+        """
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{final.name}"
         note = (
@@ -353,12 +367,14 @@ class Checkpointer:
         self.barrier()
         for name, payload in per_rank.items():
             _write_file(tmp / name, payload)
+        if collective is not None:
+            shared = {**shared, **collective(tmp)}
         self.barrier()
         if self.rank == 0:
             for group in shared.values():
                 for name, payload in group.items():
                     _write_file(tmp / name, payload)
-            files = {child.name: _file_info(child) for child in sorted(tmp.iterdir())}
+            files = _listing(tmp)
             full = {"format": FORMAT, "version": VERSION, "step": step, "created_unix": time.time()}
             full.update(meta)
             full["files"] = files
@@ -385,6 +401,18 @@ class Checkpointer:
                 _discard(path)
                 dropped.append(step)
         return dropped
+
+
+def _listing(tmp: Path) -> dict[str, dict[str, Any]]:
+    """{relative posix path: bytes and sha256} of every file under `tmp`; subdirectories are
+    fsynced here (their files were fsynced by whoever wrote them)."""
+    files = {}
+    for path in sorted(tmp.rglob("*")):
+        if path.is_dir():
+            _fsync_dir(path)
+        elif path.is_file():
+            files[path.relative_to(tmp).as_posix()] = _file_info(path)
+    return files
 
 
 def best_checkpoint(found: list[tuple[int, Path]]) -> int | None:

@@ -22,6 +22,15 @@ def row_sources(examples: Sequence[Any], rows: list[int], accelerator) -> list[s
     return list(gather_object(mine))
 
 
+def gathered(accelerator, value: Any) -> list[Any]:
+    """`value` from every process, in rank order (one process: just it)."""
+    if accelerator.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return list(gather_object([value]))
+
+
 def agreed_signal(accelerator, stop_requested: Callable[[], int] | None) -> int:
     """A pending stop signal, agreed by all processes so that they stop at the same step."""
     local = stop_requested() if stop_requested is not None else 0

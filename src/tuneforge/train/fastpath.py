@@ -88,6 +88,31 @@ def keeps_packed_examples_apart(model: torch.nn.Module) -> bool:
     return bool((packed - together).abs().max() <= rel * together.abs().max() + 1e-6)
 
 
+def use_liger_kernel(model: torch.nn.Module, device: torch.device) -> None:
+    """liger-kernel's fused Triton kernels (RMSNorm, SwiGLU, RoPE) in the base model, CUDA only.
+
+    Its fused linear cross-entropy is left off: train/loss.py already never builds the logits.
+    """
+    from tuneforge.errors import ConfigError
+
+    if device.type != "cuda":
+        raise ConfigError("train.liger_kernel: the kernels are Triton (CUDA) kernels; no GPU here")
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise ConfigError(
+            "train.liger_kernel: needs the liger-kernel package: pip install 'tuneforge[gpu]'"
+        ) from None
+    _apply_liger_kernel_to_instance(
+        model=model,
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+    )
+
+
 def compile_layers(model: torch.nn.Module) -> int:
     """torch.compile each decoder block (shapes dynamic); the whole model where there are none."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

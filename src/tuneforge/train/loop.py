@@ -403,19 +403,22 @@ def evaluate_loss(
         if autocast_dtype is not None
         else nullcontext()
     )
-    mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
+    world = accelerator.num_processes
+    mine = list(range(accelerator.process_index, len(examples), world))
     loss_fn = CausalLMLoss(model, positions_aligned=positions_aligned)
     total, count = 0.0, 0
-    for i in range(0, len(mine), batch_size):
-        batch = collate_fn([examples[j] for j in mine[i : i + batch_size]])
-        n = _count_labels(batch)
-        if n == 0:
-            continue
+    # Every rank runs the same number of forward passes (sharded weights are gathered in each);
+    # a rank out of examples repeats one and counts nothing.
+    for i in range(0, math.ceil(len(examples) / world), batch_size):
+        chunk = mine[i : i + batch_size]
+        batch = collate_fn([examples[j] for j in chunk or mine[:1] or [0]])
+        n = _count_labels(batch) if chunk else 0
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with autocast:
-            loss = loss_fn(model, batch, float(n))
-        total += float(loss) * n
-        count += n
+            loss = loss_fn(model, batch, float(max(n, 1)))
+        if n:
+            total += float(loss) * n
+            count += n
     total, count = all_reduce_sums(accelerator, total, count)
     if was_training:
         model.train()

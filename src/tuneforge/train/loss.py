@@ -116,6 +116,8 @@ def _lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]
     config = getattr(base, "config", None)
     if any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale")):
         return None  # the head does more than a matmul
+    if hasattr(getattr(head, "weight", None), "ds_id"):
+        return None  # DeepSpeed ZeRO-3 holds the head's weight only inside its own forward
     # A plain Linear head: an adapted or wrapped head (LoRA on lm_head, modules_to_save) is not.
     plain_head = isinstance(head, torch.nn.Linear) and not list(head.children())
     takes_keep = "logits_to_keep" in inspect.signature(base.forward).parameters

@@ -21,6 +21,7 @@ import torch
 
 from tuneforge.errors import CheckpointError, ResumeRefused
 from tuneforge.train.checkpoint import Checkpoint, Checkpointer, state_files, tensor_files
+from tuneforge.train.sharded import SHARDS_DIR, any_rank, load_sharded, local_shards, save_sharded
 
 log = logging.getLogger("tuneforge")
 
@@ -73,13 +74,19 @@ def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def check_finite(tensors: dict[str, torch.Tensor]) -> None:
-    """Refuse to checkpoint non-finite weights (R5): a NaN never reaches a checkpoint."""
+def check_finite(tensors: dict[str, torch.Tensor], sharded: bool = False) -> None:
+    """Refuse to checkpoint non-finite weights (R5): a NaN never reaches a checkpoint.
+
+    `sharded`: each rank checks its own shards and all ranks agree (a collective)."""
+    if sharded:
+        tensors = local_shards(tensors)
     bad = [
         n
         for n, t in tensors.items()  # a finite sum proves every element finite (the fast path)
         if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all()
     ]
+    if sharded and any_rank(bool(bad)) and not bad:
+        bad = ["(a shard on another rank)"]
     if bad:
         from tuneforge.errors import NonFiniteError
 
@@ -186,19 +193,32 @@ class TrainingState:
         callbacks: dict[str, Stateful],
         meta: dict[str, Any],
         score: Callable[[int], dict[str, Any] | None] = lambda step: None,
+        sharded: bool = False,
     ) -> None:
+        """`sharded`: weights and optimizer state go through train/sharded.py (FSDP2), every
+        rank writing its own shards; otherwise rank 0 writes them whole."""
         self.checkpointer = checkpointer
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.callbacks, self.meta, self.score = callbacks, meta, score
+        self.sharded = sharded
         self.last_saved: Path | None = None
+
+    def _write_shards(self, tmp: Path) -> dict[str, dict[str, Any]]:
+        groups = save_sharded(tmp / SHARDS_DIR, self.model, self.optimizer)
+        return {"optimizer": state_files("optimizer", {"param_groups": groups})}
 
     def save(self, step: int, counters: dict[str, Any]) -> Path:
         weights = trainable_tensors(self.model)
-        check_finite(weights)
+        check_finite(weights, sharded=self.sharded)
         rank = self.checkpointer.rank
-        shared = {
-            "model": tensor_files("model", weights),
-            "optimizer": state_files("optimizer", self.optimizer.state_dict()),
+        if self.sharded:
+            shared = {}
+        else:
+            shared = {
+                "model": tensor_files("model", weights),
+                "optimizer": state_files("optimizer", self.optimizer.state_dict()),
+            }
+        shared |= {
             "scheduler": state_files("scheduler", self.scheduler.state_dict()),
             "trainer": state_files(
                 "trainer",
@@ -219,15 +239,36 @@ class TrainingState:
             },
             "score": score,
         }
-        self.last_saved = self.checkpointer.save(step, shared, per_rank, meta)
+        collective = self._write_shards if self.sharded else None
+        self.last_saved = self.checkpointer.save(step, shared, per_rank, meta, collective)
         return self.last_saved
+
+    def _restore_shards(self, ckpt: Checkpoint) -> None:
+        """Sharded weights and optimizer state, written by any world size, into this run."""
+        groups = ckpt.state("optimizer")["param_groups"]
+        try:
+            load_sharded(ckpt.path / SHARDS_DIR, self.model, self.optimizer, groups)
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CheckpointError(
+                f"{ckpt.path}: its shards do not fit this model (method or model changed?): {first}"
+            ) from None
 
     def restore(self, ckpt: Checkpoint) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Load weights, optimizer, scheduler and callbacks; return (loop counters, this rank's RNG
         state). Set the RNG state last, right before the loop runs."""
-        load_trainable(self.model, ckpt.tensors("model"), ckpt.path)
+        if ckpt.sharded:
+            self._restore_shards(ckpt)
+        elif self.sharded:
+            raise CheckpointError(
+                f"{ckpt.path} holds whole (unsharded) weights; resume it with the "
+                "train.strategy it was written with (single or ddp)"
+            )
+        else:
+            load_trainable(self.model, ckpt.tensors("model"), ckpt.path)
         try:
-            self.optimizer.load_state_dict(ckpt.state("optimizer"))
+            if not ckpt.sharded:
+                self.optimizer.load_state_dict(ckpt.state("optimizer"))
             self.scheduler.load_state_dict(ckpt.state("scheduler"))
         except (ValueError, KeyError) as err:
             raise CheckpointError(
@@ -290,6 +331,7 @@ def start_checkpointing(
     callbacks: dict[str, Stateful],
     meta: dict[str, Any],
     score: Callable[[int], dict[str, Any] | None],
+    sharded: bool = False,
 ) -> tuple[TrainingState, dict[str, Any] | None, dict[str, Any] | None]:
     """Make the run's TrainingState; when resuming, check `ckpt` against this run and restore it.
 
@@ -305,6 +347,7 @@ def start_checkpointing(
         callbacks=callbacks,
         meta=meta,
         score=score,
+        sharded=sharded,
     )
     counters = rng = None
     if ckpt is not None:
