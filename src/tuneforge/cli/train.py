@@ -50,6 +50,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_train)
 
+    _add_cv_and_compare(sub)
+
+
+def _add_cv_and_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cv", help="k-fold cross-validation: K runs, mean ± std of every metric")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")

@@ -345,7 +345,7 @@ class Checkpointer:
         )
         try:
             with writing(final, note):
-                return self._save(step, final, tmp, shared, per_rank, meta)
+                return self._save(step, final, tmp, shared, per_rank, meta, collective)
         except BaseException:
             if self.rank == 0:
                 _remove_tree(tmp)
@@ -359,6 +359,7 @@ class Checkpointer:
         shared: dict[str, dict[str, Payload]],
         per_rank: dict[str, Payload],
         meta: dict[str, Any],
+        collective: Callable[[Path], dict[str, dict[str, Payload]]] | None = None,
     ) -> Path:
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
