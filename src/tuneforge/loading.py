@@ -24,6 +24,7 @@ class Loaded:
     tokenizer: object
     kind: str  # "base", "adapter" or "model"
     base_dir: Path
+    positions_aligned: bool = True  # False for methods that add virtual tokens (prefix, prompt)
 
 
 def is_run_dir(ref: str | Path) -> bool:
@@ -61,8 +62,10 @@ def load_run(run_dir: str | Path, dtype: torch.dtype, device: str = "cpu") -> Lo
             f"{run_dir}/adapter: no adapter_model.safetensors; pickled adapters (.bin) are refused"
         )
     base = load_model(base_dir, dtype, trust_remote_code=trust)
-    model = run_method(config).load(base, str(run_dir / "adapter"))  # the method knows its view
-    return Loaded(model.to(device).eval(), tokenizer, "adapter", base_dir)
+    method = run_method(config)
+    model = method.load(base, str(run_dir / "adapter"))  # the method knows its inference view
+    aligned = not method.adds_virtual_tokens
+    return Loaded(model.to(device).eval(), tokenizer, "adapter", base_dir, aligned)
 
 
 def run_method(config: dict) -> Method:

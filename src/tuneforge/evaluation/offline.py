@@ -27,7 +27,16 @@ def evaluate_reference(
 
     loaded = load_reference(ref)
     rest = [m for m in metrics if m not in TEXT_METRICS]
-    out = evaluate_file(loaded.model, loaded.tokenizer, data, rest, batch_size, limit)
+    out = evaluate_file(
+        loaded.model,
+        loaded.tokenizer,
+        data,
+        rest,
+        batch_size,
+        limit,
+        positions_aligned=loaded.positions_aligned,
+        progress=True,
+    )
     text = [m for m in metrics if m in TEXT_METRICS]
     if text:
         out.update(

@@ -11,12 +11,14 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from tuneforge.constants import IGNORE_INDEX
 from tuneforge.data.formats import Example, load_examples
 from tuneforge.data.pipeline import TokenizedExample, collate
 from tuneforge.data.templates import render
 from tuneforge.evaluation.metrics import classification_report
+from tuneforge.train.loss import CausalLMLoss
 
 
 def _with_answer(example: Example, answer: str) -> Example:
@@ -40,21 +42,44 @@ def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     return (logp * mask).sum(-1), mask.sum(-1)
 
 
-def _batches(items: list[TokenizedExample], batch_size: int, pad_id: int):
-    for i in range(0, len(items), batch_size):
-        yield collate(items[i : i + batch_size], pad_id=pad_id)
+def _length_sorted_batches(items: list[TokenizedExample], batch_size: int, pad_id: int):
+    """Batches of similar-length rows (little padding); the loss is a sum, so order is free."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    for i in range(0, len(order), batch_size):
+        yield collate([items[j] for j in order[i : i + batch_size]], pad_id=pad_id)
 
 
 def loss_metrics(
-    model, tokenizer, examples: list[Example], batch_size: int = 8
+    model,
+    tokenizer,
+    examples: list[Example],
+    batch_size: int = 8,
+    *,
+    positions_aligned: bool = True,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """Token-weighted loss and perplexity of the reference answers."""
+    """Token-weighted loss and perplexity of the reference answers.
+
+    The same loss as training's (train/loss.py): the head runs only at labelled positions,
+    chunk by chunk, instead of full-vocabulary logits for every token of every row.
+    """
     items = [TokenizedExample(*render(tokenizer, ex), source=ex.source) for ex in examples]
+    loss_fn = CausalLMLoss(model, positions_aligned=positions_aligned)
+    batches = _length_sorted_batches(items, batch_size, tokenizer.pad_token_id)
     total, count = 0.0, 0
-    for batch in _batches(items, batch_size, tokenizer.pad_token_id):
-        logp, n = sequence_logprobs(model, batch)
-        total -= float(logp.sum())
-        count += int(n.sum())
+    with torch.no_grad():
+        for batch in tqdm(
+            batches,
+            total=math.ceil(len(items) / batch_size),
+            desc="eval loss",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+        ):
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            if n:
+                total += float(loss_fn(model, batch, 1.0))  # num_items 1: the summed token loss
+                count += n
     loss = total / count if count else math.nan
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
 
@@ -108,7 +133,12 @@ def _score_answers(
 
 
 def label_predictions(
-    model, tokenizer, examples: list[Example], labels: list[str], batch_size: int = 8
+    model,
+    tokenizer,
+    examples: list[Example],
+    labels: list[str],
+    batch_size: int = 8,
+    progress: bool = False,
 ) -> list[str]:
     """The most likely label for each example (summed token log-probabilities of the answer)."""
     prompts, answers = [], None
@@ -124,34 +154,58 @@ def label_predictions(
             raise ValueError(f"{ex.source}: labels tokenise differently after this prompt")
         answers = tails
     preds: list[str] = []
-    for i in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for i in tqdm(starts, desc="eval labels", unit="batch", disable=not progress, leave=False):
         scores = _score_answers(model, prompts[i : i + batch_size], answers, tokenizer.pad_token_id)
         preds.extend(labels[j] for j in scores.argmax(-1).tolist())
     return preds
 
 
 def evaluate_examples(
-    model, tokenizer, examples: list[Example], metrics: list[str], batch_size: int = 8
+    model,
+    tokenizer,
+    examples: list[Example],
+    metrics: list[str],
+    batch_size: int = 8,
+    *,
+    positions_aligned: bool = True,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """The requested metrics (loss, accuracy) on already-loaded examples."""
     out: dict[str, Any] = {"examples": len(examples)}
     if "loss" in metrics or "perplexity" in metrics:
-        out.update(loss_metrics(model, tokenizer, examples, batch_size))
+        out.update(
+            loss_metrics(
+                model,
+                tokenizer,
+                examples,
+                batch_size,
+                positions_aligned=positions_aligned,
+                progress=progress,
+            )
+        )
     if "accuracy" in metrics or "macro_f1" in metrics:
         refs = [ex.label if ex.label is not None else ex.messages[-1]["content"] for ex in examples]
         labels = sorted(set(refs))
         if len(labels) < 2:
             raise ValueError("accuracy needs at least two distinct labels in the evaluation data")
-        preds = label_predictions(model, tokenizer, examples, labels, batch_size)
+        preds = label_predictions(model, tokenizer, examples, labels, batch_size, progress)
         out.update(classification_report(preds, refs, labels))
     return out
 
 
 def evaluate_file(
-    model, tokenizer, path: str, metrics: list[str], batch_size: int = 8, limit: int | None = None
+    model,
+    tokenizer,
+    path: str,
+    metrics: list[str],
+    batch_size: int = 8,
+    limit: int | None = None,
+    **options: Any,
 ):
+    """`evaluate_examples` on a data file's rows (the first `limit` of them)."""
     examples = load_examples(path, "auto", on_bad_row="fail").examples
     if limit is not None:
         examples = examples[:limit]
     model.eval()
-    return evaluate_examples(model, tokenizer, examples, metrics, batch_size)
+    return evaluate_examples(model, tokenizer, examples, metrics, batch_size, **options)
