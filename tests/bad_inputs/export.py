@@ -85,8 +85,21 @@ ROWS = [
     },
     {
         "id": "export-existing-out",
-        "argv": ["export", "{run}", "--format", "merged", "--out", "{tmp}/out"],
-        "files": {"out/keep.txt": "mine"},
+        "argv": [
+            "export",
+            "{run}",
+            "--format",
+            "merged",
+            "--out",
+            "{tmp}/out",
+            "--data",
+            "{tmp}/d.jsonl",
+        ],
+        "files": {
+            "out/keep.txt": "mine",
+            "d.jsonl": '{"messages": [{"role": "user", "content": "hi"}, '
+            '{"role": "assistant", "content": "yes"}]}\n',
+        },
         "exit": 2,
         "stderr": "already exists",
     },

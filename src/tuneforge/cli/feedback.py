@@ -109,6 +109,14 @@ def _import_records(store, path: str) -> int:
     return len(records)
 
 
+def _new_sqlite_file(url: str) -> list[Path]:
+    """The files of an SQLite store that does not exist yet (nothing for other databases)."""
+    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
+    if "://" in path or Path(path).exists():
+        return []
+    return [Path(path + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
+
+
 def cmd_add(args: argparse.Namespace) -> int:
     from tuneforge.feedback.store import FeedbackStore
     from tuneforge.feedback.validate import FieldError, parse_feedback
@@ -123,6 +131,7 @@ def cmd_add(args: argparse.Namespace) -> int:
             problems.append(f"{args.file}:{n}: {err.message}")
     if problems:
         _fail_rows(args.file, problems, len(rows))
+    fresh = _new_sqlite_file(args.db)  # a store this command creates is removed if it fails
     store = FeedbackStore(args.db, create=bool(args.records))
     try:
         imported = _import_records(store, args.records) if args.records else 0
@@ -133,8 +142,12 @@ def cmd_add(args: argparse.Namespace) -> int:
             _fail_rows(args.file, problems, len(rows))
         items = [item for _, item in items]
         added = sum(store.add_feedback(item, source="file")[1] for item in items)
-    finally:
+    except BaseException:
         store.close()
+        for path in fresh:
+            path.unlink(missing_ok=True)
+        raise
+    store.close()
     extra = f" ({len(items) - added} already stored)" if added < len(items) else ""
     records = f"; imported {imported} response records" if args.records else ""
     print(f"added {added} feedback rows{extra}{records}")

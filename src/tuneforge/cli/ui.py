@@ -55,9 +55,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from tuneforge.ui.app import create_app
     from tuneforge.ui.security import new_token
 
+    _check_port(args.host, args.port)  # before the workspace gets its state folder and lock
     token = new_token()
     app = create_app(args.workspace, token, max_running=args.max_running)  # checks the workspace
-    _check_port(args.host, args.port)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"tuneforge ui: workspace {app.state.ws.root}", flush=True)
     print(f"open http://{host}:{args.port}/?token={token}", flush=True)

@@ -174,6 +174,15 @@ def evaluate_examples(
 ) -> dict[str, Any]:
     """The requested metrics (loss, accuracy) on already-loaded examples."""
     out: dict[str, Any] = {"examples": len(examples)}
+    wants_labels = "accuracy" in metrics or "macro_f1" in metrics
+    refs = [ex.label if ex.label is not None else ex.messages[-1]["content"] for ex in examples]
+    labels = sorted(set(refs))
+    if wants_labels and len(labels) < 2:  # checked before any pass runs: fail first
+        raise DataError(
+            f"{examples[0].source.rsplit(':', 1)[0] if examples else 'the data'}: accuracy "
+            f"needs at least two distinct labels (answers), found {len(labels)}; use "
+            "--metrics loss for free-text data"
+        )
     if "loss" in metrics or "perplexity" in metrics:
         out.update(
             loss_metrics(
@@ -185,15 +194,7 @@ def evaluate_examples(
                 progress=progress,
             )
         )
-    if "accuracy" in metrics or "macro_f1" in metrics:
-        refs = [ex.label if ex.label is not None else ex.messages[-1]["content"] for ex in examples]
-        labels = sorted(set(refs))
-        if len(labels) < 2:
-            raise DataError(
-                f"{examples[0].source.rsplit(':', 1)[0] if examples else 'the data'}: accuracy "
-                f"needs at least two distinct labels (answers), found {len(labels)}; use "
-                "--metrics loss for free-text data"
-            )
+    if wants_labels:
         preds = label_predictions(model, tokenizer, examples, labels, batch_size, progress)
         out.update(classification_report(preds, refs, labels))
     return out
