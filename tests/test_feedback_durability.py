@@ -56,8 +56,12 @@ def test_acknowledged_feedback_survives_sigkill(db_url):
     kills, restarts, i, start = 0, 0, 0, time.monotonic()
     headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-        while i < POSTS and time.monotonic() - start < DEADLINE_S:
-            if kills < KILLS and i in (8, 20, 31) and proc.poll() is None:
+        # Keep posting until every armed kill was felt (a fast machine can finish the posts
+        # before the last kill's timer fires).
+        while (i < POSTS or restarts < KILLS) and time.monotonic() - start < DEADLINE_S:
+            # One kill at a time: the next is armed once the previous one was felt.
+            due = kills < KILLS and kills == restarts and i >= (8, 20, 31)[kills]
+            if due and proc.poll() is None:
                 victim = proc  # kill during the next posts, at a random moment
                 threading.Timer(rng.uniform(0.0, 0.3), lambda p=victim: p.send_signal(signal.SIGKILL)).start()  # fmt: skip
                 kills += 1
@@ -80,7 +84,7 @@ def test_acknowledged_feedback_survives_sigkill(db_url):
             i += 1
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert i == POSTS and kills == KILLS and restarts == KILLS  # each kill was felt
+    assert i >= POSTS and kills == KILLS and restarts == KILLS  # each kill was felt
     store = FeedbackStore(db_url)
     rows = store.feedback()
     store.close()
@@ -92,4 +96,6 @@ def test_acknowledged_feedback_survives_sigkill(db_url):
     assert all(
         by_key[k]["id"] == acked[k] and by_key[k]["comment"] == f"post {k[4:]}" for k in acked
     )
-    assert len(rows) == POSTS  # every post was retried until acknowledged: none lost, none extra
+    # Every acknowledged post is stored once; the only other row a kill may leave is the last
+    # post, committed but not acknowledged when the loop ended (none lost, none invented).
+    assert set(by_key) <= {f"key-{n}" for n in range(i + 1)} and len(acked) == i
