@@ -53,7 +53,7 @@ def check_model_dir(model_dir: Path) -> None:
     """Refuse a base model directory that lacks a readable config of a known architecture,
     complete weights or a tokenizer (a directory with its own model code, `auto_map`, is
     checked at load time, where trust_remote_code is known)."""
-    _check_architecture(model_dir, read_model_config(model_dir), trust_remote_code=True)
+    _check_architecture(model_dir, read_model_config(model_dir), defer_auto_map=True)
     _check_weights(model_dir)
     check_tokenizer_files(model_dir)
 
@@ -61,7 +61,7 @@ def check_model_dir(model_dir: Path) -> None:
 def check_model_files(model_dir: Path, trust_remote_code: bool = False) -> None:
     """Refuse a directory without a known causal-LM architecture or complete safetensors weights."""
     config = read_model_config(model_dir)
-    _check_architecture(model_dir, config, trust_remote_code)
+    _check_architecture(model_dir, config, defer_auto_map=trust_remote_code)
     _check_weights(model_dir)
 
 
@@ -77,11 +77,11 @@ def _check_weights(model_dir: Path) -> None:
         check_safetensors(path)
 
 
-def _check_architecture(model_dir: Path, config: dict, trust_remote_code: bool) -> None:
+def _check_architecture(model_dir: Path, config: dict, defer_auto_map: bool) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = config.get("model_type")
-    if trust_remote_code and "auto_map" in config:
+    if defer_auto_map and "auto_map" in config:
         return  # the directory ships its own code, and the user said to run it
     if not isinstance(model_type, str) or not model_type:
         raise ModelError(f"{model_dir}/config.json: no 'model_type'; not a transformers model")

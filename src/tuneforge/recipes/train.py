@@ -340,7 +340,8 @@ def predicted_vs_measured(
     that steps carrying an evaluation or a checkpoint do not count), for summary.json."""
     if plan is None:
         return None
-    steps = [b - a for a, b in zip([0.0, *step_ends[:-1]], step_ends, strict=True)]
+    starts = [0.0, *step_ends[:-1]] if step_ends else []  # a resume may run no step here
+    steps = [b - a for a, b in zip(starts, step_ends, strict=True)]
     every = cfg.train.log_every_steps
     step_s = statistics.median(steps) / every if steps else None
     predicted_mb = plan.memory.peak_bytes / 2**20
