@@ -118,6 +118,10 @@ def sections() -> list[Section]:
             out.append(Section("method", "Fine-tuning method and its own options.", specs))
             continue
         model = info.annotation
+        if not hasattr(
+            model, "model_fields"
+        ):  # an optional section (e.g. meta: MetaSection | None)
+            model = next(a for a in typing.get_args(model) if hasattr(a, "model_fields"))
         specs = [field_spec(f"{name}.{key}", sub) for key, sub in model.model_fields.items()]
         doc = ((model.__doc__ or "").strip().splitlines() or [""])[0]
         out.append(Section(name, doc, specs))
