@@ -169,7 +169,7 @@ def train_run(workdir: Path, tokenizer, arch: str, variant: str, monkeypatch) ->
             seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
             return model
 
-        def spy_save(model, path):
+        def spy_save(model, path, *state):
             seen["after"] = {n: p.detach().clone() for n, p in model.named_parameters()}
             seen["logits"] = _logits(model, probe_ids(tokenizer))
             seen["fixed_after"] = fixed_batch_loss(model, batch)
@@ -181,7 +181,7 @@ def train_run(workdir: Path, tokenizer, arch: str, variant: str, monkeypatch) ->
                         ids = probe_ids(tokenizer)
                         peft_logits = model.eval()(input_ids=ids).logits.float()
                     seen["peft_logits"] = peft_logits[:, -ids.shape[1] :]  # drop virtual ones
-            save(model, path)
+            save(model, path, *state)
 
         method.apply, method.save = spy_apply, spy_save
         return method

@@ -22,9 +22,9 @@ QUESTION = "What is the capital of France?"
 
 
 def embedded_gguf() -> Path:
-    entry = BUILTIN_MODELS[NAME]
-    spec = importlib.util.find_spec(entry.package)
-    return Path(spec.submodule_search_locations[0]) / entry.gguf_file
+    package, path = BUILTIN_MODELS[NAME].files[0]  # (package, file inside it)
+    spec = importlib.util.find_spec(package)
+    return Path(spec.submodule_search_locations[0]) / path
 
 
 def ask(client, model: str, **kw):

@@ -114,6 +114,7 @@ class PromptLearningLM(torch.nn.Module):
         Takes a GenerationConfig and/or the keywords in GENERATE_KEYS; anything else (beam
         search, logits processors, streamers) is refused rather than silently ignored.
         """
+        stop = kwargs.pop("stopping_criteria", None)  # e.g. an end-of-turn marker as text
         o = _generate_settings(self.lm.generation_config, generation_config, kwargs)
         eos = o["eos_token_id"]
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long)
@@ -129,6 +130,9 @@ class PromptLearningLM(torch.nn.Module):
             token = torch.where(done, torch.full_like(token, pad), token)
             new.append(token)
             done |= torch.isin(token, eos.to(token.device))
+            if stop is not None:
+                so_far = torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+                done |= torch.as_tensor(stop(so_far, logits), dtype=torch.bool, device=done.device)
             if bool(done.all()):
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
