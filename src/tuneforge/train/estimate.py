@@ -123,7 +123,7 @@ class MethodSpec:
 def method_spec(options: dict, arch: Architecture) -> MethodSpec:
     """A MethodSpec from a method section's values (unknown methods estimate as LoRA)."""
     name = options.get("name", "lora")
-    targets = options.get("target_modules", "all-linear")
+    targets = options.get("target_modules") or "all-linear"  # None: the method's default set
     if isinstance(targets, str):
         targets = LINEARS if targets == "all-linear" else (targets,)
     chosen = tuple(t for t in LINEARS if any(re.search(p, t) for p in targets)) or LINEARS
