@@ -95,6 +95,24 @@ class Engine(Protocol):
     def reload(self, ref: str | Path, name: str | None = None) -> str: ...
 
 
+class BatcherQueue:
+    """The queue half of an Engine, shared by every engine: its jobs go through `self.batcher`."""
+
+    batcher: Batcher
+
+    def submit(self, job: Job) -> None:
+        self.batcher.submit(job)
+
+    def queue_depth(self) -> int:
+        return self.batcher.depth()
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        self.batcher.shutdown(timeout_s)
+
+
 class Batcher:
     """A bounded FIFO of jobs and the one thread that runs them, up to `max_batch` at a time.
 

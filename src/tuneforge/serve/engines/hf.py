@@ -21,7 +21,7 @@ import torch
 from tuneforge.errors import ServeError
 from tuneforge.loading import Loaded, is_run_dir, load_reference
 from tuneforge.models import load_tokenizer, weights_fingerprint
-from tuneforge.serve.engines.base import Batcher, Job
+from tuneforge.serve.engines.base import Batcher, BatcherQueue, Job
 from tuneforge.serve.engines.decode import generate_batch
 from tuneforge.train.rundir import read_run
 
@@ -87,7 +87,7 @@ def check_adapter_run(run_dir: Path, label: str) -> tuple[Path, dict]:
     return adapter, read_run(run_dir)[1]
 
 
-class TransformersEngine:
+class TransformersEngine(BatcherQueue):
     """Serves one loaded model and its adapters; requests that arrive together run as one batch."""
 
     kind = "transformers"
@@ -171,18 +171,6 @@ class TransformersEngine:
         served = self._served[model]
         with served.lock:
             return list(served.tokenizer(text)["input_ids"])
-
-    def submit(self, job: Job) -> None:
-        self.batcher.submit(job)
-
-    def queue_depth(self) -> int:
-        return self.batcher.depth()
-
-    def start(self) -> None:
-        self.batcher.start()
-
-    def shutdown(self, timeout_s: float = 30.0) -> None:
-        self.batcher.shutdown(timeout_s)
 
     def reload(self, ref: str | Path, name: str | None = None) -> str:
         """Swap in new weights without stopping: an adapter run is attached beside the old one and

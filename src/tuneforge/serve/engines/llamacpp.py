@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.errors import ServeError
-from tuneforge.serve.engines.base import Batcher, Finished, Job
+from tuneforge.serve.engines.base import Batcher, BatcherQueue, Finished, Job
 from tuneforge.serve.engines.textstream import TextStream
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def render_template(template: str, messages: list[dict], bos: str, eos: str) -> 
         raise TuneforgeTemplateError(f"the GGUF's chat template failed: {e}") from e
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(BatcherQueue):
     """Serves one GGUF file under one model name."""
 
     kind = "llama.cpp"
@@ -121,18 +121,6 @@ class LlamaCppEngine:
 
     def encode_text(self, model: str, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
-
-    def submit(self, job: Job) -> None:
-        self.batcher.submit(job)
-
-    def queue_depth(self) -> int:
-        return self.batcher.depth()
-
-    def start(self) -> None:
-        self.batcher.start()
-
-    def shutdown(self, timeout_s: float = 30.0) -> None:
-        self.batcher.shutdown(timeout_s)
 
     def reload(self, ref: str | Path, name: str | None = None) -> str:
         """Load another GGUF here, then swap it in between two requests."""
