@@ -95,10 +95,19 @@ class Engine(Protocol):
     def reload(self, ref: str | Path, name: str | None = None) -> str: ...
 
 
+class JobQueue(Protocol):
+    """What an engine's worker offers: the Batcher below, or scheduler.py's continuous Scheduler."""
+
+    def submit(self, job: Job) -> None: ...
+    def depth(self) -> int: ...
+    def start(self) -> None: ...
+    def shutdown(self, timeout_s: float) -> None: ...
+
+
 class BatcherQueue:
     """The queue half of an Engine, shared by every engine: its jobs go through `self.batcher`."""
 
-    batcher: Batcher
+    batcher: JobQueue
 
     def submit(self, job: Job) -> None:
         self.batcher.submit(job)

@@ -2,7 +2,7 @@
 number of LoRA-family adapters attached to the same base and chosen per request by `model`.
 
 Loading goes through `tuneforge.loading` and each run's own tokenizer (so its chat template);
-the batched decode loop is decode.py's, the queue and worker thread base.py's.
+the running batch and its cache are decode.py's, admission and the worker thread scheduler.py's.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +21,9 @@ import torch
 from tuneforge.errors import ServeError
 from tuneforge.loading import Loaded, is_run_dir, load_reference
 from tuneforge.models import load_tokenizer, weights_fingerprint
-from tuneforge.serve.engines.base import Batcher, BatcherQueue, Job
-from tuneforge.serve.engines.decode import generate_batch
+from tuneforge.serve.engines.base import BatcherQueue, Job
+from tuneforge.serve.engines.decode import RowPlan, RunningBatch
+from tuneforge.serve.engines.scheduler import Scheduler
 from tuneforge.train.rundir import read_run
 
 PROMPT_LEARNING = {"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"}
@@ -63,6 +64,12 @@ def context_length(model: torch.nn.Module, tokenizer: Any) -> int:
     return int(limit)
 
 
+def _pad_id(served: Served) -> int:
+    """A filler id for left padding (masked out, so any id will do)."""
+    tok = served.tokenizer
+    return tok.pad_token_id if tok.pad_token_id is not None else min(served.stop_ids, default=0)
+
+
 def _is_prompt_learning(model: Any) -> bool:
     return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
 
@@ -88,7 +95,8 @@ def check_adapter_run(run_dir: Path, label: str) -> tuple[Path, dict]:
 
 
 class TransformersEngine(BatcherQueue):
-    """Serves one loaded model and its adapters; requests that arrive together run as one batch."""
+    """Serves one loaded model and its adapters with continuous batching (scheduler.py): waiting
+    requests join the running batch between decode steps, finished ones leave it at once."""
 
     kind = "transformers"
 
@@ -102,6 +110,7 @@ class TransformersEngine(BatcherQueue):
         dtype: str = "auto",
         max_batch: int = 8,
         max_queue: int = 64,
+        max_batch_tokens: int = 0,
         wait_s: float = 0.005,
     ) -> None:
         self.model, self.device, self.dtype = loaded.model, torch.device(device), dtype
@@ -111,8 +120,20 @@ class TransformersEngine(BatcherQueue):
         self._served = {name: self._served_entry(name, adapter, loaded.tokenizer, source)}
         self.context_length = context_length(self.model, loaded.tokenizer)
         self._versions = itertools.count(1)
-        self.batcher = Batcher(
-            self._run_batch, max_batch=max_batch, max_queue=max_queue, wait_s=wait_s
+        self.batch = RunningBatch(
+            self._forward,
+            self._plan,
+            self._lane,
+            pad_id=_pad_id(self._served[name]),
+            device=self.device,
+            prefill_alone=_is_prompt_learning(self.model),
+        )
+        self.batcher = Scheduler(
+            self.batch,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            max_batch_tokens=max_batch_tokens,
+            wait_s=wait_s,
         )
 
     @classmethod
@@ -200,35 +221,62 @@ class TransformersEngine(BatcherQueue):
 
     # ---- inside the worker thread ------------------------------------------------------------
 
-    def _run_batch(self, jobs: list[Job]) -> None:
-        served = self._served[jobs[0].model]
-        tok = served.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else min(served.stop_ids, default=0)
+    def _lane(self, job: Job) -> Hashable:
+        """Rows of one lane share a forward pass: LoRA adapters (and the base) mix in one batch
+        through peft's per-row `adapter_names`; other methods run one adapter per batch."""
+        adapter = self._served[job.model].adapter if job.model in self._served else None
+        return "mixed" if self._mixable(adapter) else ("alone", adapter)
+
+    def _mixable(self, adapter: str | None) -> bool:
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel) or _is_prompt_learning(self.model):
+            return False
+        if adapter is None:  # the base: peft's "__base__" row, for LoRA models only
+            return self.model.peft_type == "LORA"
+        config = self.model.peft_config.get(adapter)
+        return (
+            getattr(config, "peft_type", None) == "LORA"
+            and not getattr(config, "use_dora", False)
+            and not getattr(config, "alora_invocation_tokens", None)
+        )
+
+    def _plan(self, job: Job) -> RowPlan:
+        served = self._served[job.model]
 
         def decode(ids: list[int]) -> str:
             with served.lock:
-                return tok.decode(ids, skip_special_tokens=True)
+                return served.tokenizer.decode(ids, skip_special_tokens=True)
 
-        with self._adapter_ctx(served):
-            generate_batch(
-                self.model,
-                jobs,
-                pad_id=pad,
-                stop_ids=set(served.stop_ids),
-                decode=decode,
-                device=self.device,
-                last_logits_only=not _is_prompt_learning(self.model),
-            )
+        return RowPlan(served.adapter, served.stop_ids, decode)
 
-    def _adapter_ctx(self, served: Served):
+    def _forward(self, ids, mask, positions, cache, adapters: list, prefill: bool) -> Any:
+        """One forward pass of the running batch with each row's own weights."""
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": True}
+        if cache is not None:
+            kwargs["cache"] = cache
+        if _is_prompt_learning(self.model):  # peft adds the virtual tokens at prefill only
+            if prefill:
+                return self.model(**kwargs)
+            return self.model.get_base_model()(position_ids=positions, **kwargs)
+        kwargs["position_ids"] = positions
+        if prefill:
+            kwargs["logits_to_keep"] = 1
+        if len(set(adapters)) > 1:  # a mixed lane: peft routes each row through its adapter
+            names = [a if a is not None else "__base__" for a in adapters]
+            return self.model(adapter_names=names, **kwargs)
+        with self._adapter_ctx(adapters[0]):
+            return self.model(**kwargs)
+
+    def _adapter_ctx(self, adapter: str | None):
         from peft import PeftModel
 
         if not isinstance(self.model, PeftModel):
             return nullcontext()
-        if served.adapter is None:
+        if adapter is None:
             return self.model.disable_adapter()
-        if self.model.active_adapter != served.adapter:
-            self.model.set_adapter(served.adapter)
+        if self.model.active_adapter != adapter:
+            self.model.set_adapter(adapter)
         return nullcontext()
 
     def _swap_adapter(self, target: str, path: Path, internal: str) -> None:
@@ -242,6 +290,8 @@ class TransformersEngine(BatcherQueue):
         self.model, self._base_dir, self._kind = loaded.model, loaded.base_dir, loaded.kind
         self._base_fingerprint = None
         self._served = {entry.name: entry}
+        self.batch.pad_id = _pad_id(entry)
+        self.batch.prefill_alone = _is_prompt_learning(self.model)
 
     # ---- loading -----------------------------------------------------------------------------
 
