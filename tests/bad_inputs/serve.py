@@ -32,6 +32,12 @@ ROWS = [
         "stderr": "--max-batch: 0 is not between 1 and 256",
     },
     {
+        "id": "serve-max-batch-tokens-negative",
+        "argv": ["serve", "{model}", "--max-batch-tokens", "-5"],
+        "exit": 2,
+        "stderr": "--max-batch-tokens: -5 is not between",
+    },
+    {
         "id": "serve-max-queue-negative",
         "argv": ["serve", "{model}", "--max-queue", "-1"],
         "exit": 2,

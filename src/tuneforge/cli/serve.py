@@ -39,6 +39,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-file", help="accepted keys, one per line (or sha256:<hex>)")
     p.add_argument("--max-batch", type=int, default=8, help="requests generated together")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=0,
+        help="prompt + max_tokens reserved by one batch, summed over its rows (0: no limit)",
+    )
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     p.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens allowed")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request (then 503)")
@@ -61,6 +67,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     checks = [
         ("--port", args.port, 1, 65535),
         ("--max-batch", args.max_batch, 1, 256),
+        ("--max-batch-tokens", args.max_batch_tokens, 0, 1 << 24),
         ("--max-queue", args.max_queue, 1, 100_000),
         ("--max-tokens-cap", args.max_tokens_cap, 1, 1 << 20),
         ("--max-body-bytes", args.max_body_bytes, 1024, 1 << 30),
@@ -187,6 +194,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=_device(args.device),
         max_batch=args.max_batch,
+        max_batch_tokens=args.max_batch_tokens,
         max_queue=args.max_queue,
         threads=args.threads,
     )

@@ -1,4 +1,5 @@
-"""Engines turn prompt token ids into text: transformers (batched, several adapters) and llama.cpp.
+"""Engines turn prompt token ids into text: transformers (continuous batching, several adapters)
+and llama.cpp.
 
 base.py holds what every engine shares (jobs, events, the batching queue); `open_engine` picks
 one for a reference (a run dir, an HF dir, a built-in name or a .gguf file).
@@ -39,6 +40,7 @@ def open_engine(
     dtype: str = "auto",
     device: str = "cpu",
     max_batch: int = 8,
+    max_batch_tokens: int = 0,
     max_queue: int = 64,
     threads: int | None = None,
 ) -> Engine:
@@ -67,5 +69,6 @@ def open_engine(
         dtype=dtype,
         device=device,
         max_batch=max_batch,
+        max_batch_tokens=max_batch_tokens,
         max_queue=max_queue,
     )
