@@ -54,7 +54,10 @@ class ServeMetrics:
             "tuneforge_completion_tokens", "Generated tokens", ["model"], registry=r
         )
         self.batch_size = Histogram(
-            "tuneforge_batch_size", "Requests generated together", buckets=BATCH_BUCKETS, registry=r
+            "tuneforge_batch_size",
+            "Running requests after each admission",
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge(
             "tuneforge_queue_depth", "Requests waiting for a batch", registry=r
