@@ -54,8 +54,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objective", default="sft", help="sft (corrections) | dpo (pairs) | kto")
     p.add_argument("--max-regression", type=float, default=0.02, help="allowed relative loss rise")
     p.add_argument("--max-drop", action="append", default=[], metavar="METRIC=X",
-                   help="allowed absolute drop of a label metric (accuracy, macro_f1; default 0.02 "
-                   "each); also gates on it when the run's eval.metrics does not name it")  # fmt: skip
+                   help="allowed drop of a label metric in percentage points (accuracy, macro_f1; "
+                   "default 2 each); also gates on it when the run's eval.metrics does not name it")  # fmt: skip
     p.add_argument("--holdout", type=float, default=0.2, help="share of new feedback held out")
     p.add_argument("--min-rating", type=float, default=0.75, help="as for feedback export")
     p.add_argument("--steps", type=int, help="training steps of the candidate")

@@ -89,7 +89,7 @@ def _check_job(job: RetrainJob) -> None:
         (0.0 < job.holdout < 1.0, f"--holdout: {job.holdout} must be in (0, 1)"),
         (job.min_new >= 0, f"--min-new: {job.min_new} must be 0 or more"),
         (job.max_regression >= 0, f"--max-regression: {job.max_regression} must be 0 or more"),
-        *((m in LABEL_GATES and 0 <= v <= 1, f"--max-drop: {m}={v} must name one of {', '.join(LABEL_GATES)} with a drop in [0, 1]")
+        *((m in LABEL_GATES and 0 <= v <= 100, f"--max-drop: {m}={v} must name one of {', '.join(LABEL_GATES)} with a drop in [0, 100] percentage points")
           for m, v in job.max_drop.items()),
     ]  # fmt: skip
     for ok, message in checks:
@@ -249,8 +249,9 @@ def _run_attempt(job, store, attempt, served, config, run_id, data) -> RetrainOu
     sets = {"original": old_val, "feedback": [_as_example(r) for r in held_rows]}
     gated = gated_label_metrics(config.get("eval", {}).get("metrics") or [], job.max_drop)
     metrics: dict[str, Any] = {"parent": _evaluate(served, sets, gated), "candidate": _evaluate(candidate, sets, gated)}  # fmt: skip
-    promote, reason = decide(metrics["parent"], metrics["candidate"], job.max_regression, job.max_drop)  # fmt: skip
-    metrics["gates"] = gate_checks(metrics["parent"], metrics["candidate"], job.max_regression, job.max_drop)  # fmt: skip
+    limits = (job.max_regression, job.max_drop, gated)
+    promote, reason = decide(metrics["parent"], metrics["candidate"], *limits)
+    metrics["gates"] = gate_checks(metrics["parent"], metrics["candidate"], *limits)
     decision = "promoted" if promote else "rejected"
     write_json_atomic(attempt / "decision.json", {"id": run_id, "parent": str(served), "decision": decision,
                       "reason": reason, "metrics": metrics, "data_hashes": hashes, "feedback_ids": feedback_ids})  # fmt: skip
