@@ -181,6 +181,30 @@ ROWS = [
         "stderr": "--mix",
     },
     {
+        "id": "retrain-max-drop-unknown-metric",
+        "argv": ["retrain", "{run}", "--db", "{tmp}/fb.db", "--max-drop", "bleu=1"],
+        "exit": 2,
+        "stderr": "--max-drop",
+    },
+    {
+        "id": "retrain-max-drop-not-a-number",
+        "argv": ["retrain", "{run}", "--db", "{tmp}/fb.db", "--max-drop", "accuracy=lots"],
+        "exit": 2,
+        "stderr": "--max-drop",
+    },
+    {
+        "id": "retrain-max-drop-out-of-range",
+        "argv": ["retrain", "{run}", "--db", "{tmp}/fb.db", "--max-drop", "accuracy=150"],
+        "exit": 2,
+        "stderr": "--max-drop",
+    },
+    {
+        "id": "retrain-max-drop-no-value",
+        "argv": ["retrain", "{run}", "--db", "{tmp}/fb.db", "--max-drop", "accuracy"],
+        "exit": 2,
+        "stderr": "--max-drop",
+    },
+    {
         "id": "retrain-database-down",
         "argv": ["retrain", "{run}", "--db", "postgresql+psycopg://u@/db?host=/nonexistent"],
         "exit": 2,

@@ -53,6 +53,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mix", default="old=0.5", help="old=SHARE: share of old rows in the mix")
     p.add_argument("--objective", default="sft", help="sft (corrections) | dpo (pairs) | kto")
     p.add_argument("--max-regression", type=float, default=0.02, help="allowed relative loss rise")
+    p.add_argument("--max-drop", action="append", default=[], metavar="METRIC=X",
+                   help="allowed drop of a label metric in percentage points (accuracy, macro_f1; "
+                   "default 2 each); also gates on it when the run's eval.metrics does not name it")  # fmt: skip
     p.add_argument("--holdout", type=float, default=0.2, help="share of new feedback held out")
     p.add_argument("--min-rating", type=float, default=0.75, help="as for feedback export")
     p.add_argument("--steps", type=int, help="training steps of the candidate")
@@ -217,6 +220,7 @@ def _mix_share(text: str) -> float:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
+    from tuneforge.recipes.promotion import parse_max_drop
     from tuneforge.recipes.retrain import RetrainJob, run_retrain
 
     run_dir = Path(args.run_dir)
@@ -227,6 +231,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         mix_old=_mix_share(args.mix),
         objective=args.objective,
         max_regression=args.max_regression,
+        max_drop=parse_max_drop(args.max_drop),
         holdout=args.holdout,
         min_score=args.min_rating,
         steps=args.steps,

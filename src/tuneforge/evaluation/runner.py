@@ -171,12 +171,15 @@ def evaluate_examples(
     *,
     positions_aligned: bool = True,
     progress: bool = False,
+    labels: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The requested metrics (loss, accuracy) on already-loaded examples."""
+    """The requested metrics (loss, accuracy) on already-loaded examples.
+
+    `labels`: the classes to choose among (default: the distinct answers of `examples`)."""
     out: dict[str, Any] = {"examples": len(examples)}
     wants_labels = "accuracy" in metrics or "macro_f1" in metrics
     refs = [ex.label if ex.label is not None else ex.messages[-1]["content"] for ex in examples]
-    labels = sorted(set(refs))
+    labels = sorted(set(refs)) if labels is None else sorted(set(labels))
     if wants_labels and len(labels) < 2:  # checked before any pass runs: fail first
         raise DataError(
             f"{examples[0].source.rsplit(':', 1)[0] if examples else 'the data'}: accuracy "

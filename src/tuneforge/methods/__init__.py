@@ -77,15 +77,31 @@ class Method:
         extra = {} if state_dict is None else {"state_dict": state_dict}
         model.save_pretrained(path, safe_serialization=True, **extra)
 
-    def load(self, base: torch.nn.Module, adapter_dir: str) -> torch.nn.Module:
+    def load(
+        self,
+        base: torch.nn.Module,
+        adapter_dir: str,
+        *,
+        name: str = "default",
+        trainable: bool = False,
+    ) -> torch.nn.Module:
         """The saved adapter on `base`, frozen, as evaluation and generation call it.
 
         Only for `artifact == "adapter"`; a full model is loaded as a plain HF model.
+        `trainable=True` returns peft's training view (no inference wrapper). When `base` is
+        already a peft model, the adapter is added to it as adapter `name` (its base weights
+        shared, the active adapter unchanged) and that model is returned: how DPO / KTO hold
+        their frozen reference policy without a second copy of the base.
         """
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
-        return self.for_inference(model)
+        if isinstance(base, PeftModel):
+            base.load_adapter(adapter_dir, adapter_name=name, is_trainable=trainable)
+            return base
+        model = PeftModel.from_pretrained(
+            base, adapter_dir, adapter_name=name, is_trainable=trainable
+        )
+        return model if trainable else self.for_inference(model)
 
     def summary(self, model: torch.nn.Module) -> dict[str, Any]:
         """Method-specific numbers for summary.json."""

@@ -14,7 +14,7 @@ import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -25,7 +25,16 @@ from tuneforge.errors import FeedbackError, RunDirError
 from tuneforge.feedback.export import build_export
 from tuneforge.feedback.store import FeedbackStore
 from tuneforge.paths import confined, write_json_atomic, write_text_atomic
+from tuneforge.recipes.promotion import LABEL_GATES, decide, gate_checks, gated_label_metrics
 from tuneforge.train.rundir import file_sha256, read_run
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+
+    from tuneforge.methods import Method
+
+__all__ = ["RetrainJob", "RetrainOutcome", "decide", "policy_and_reference", "promoted_dir", "run_retrain"]  # fmt: skip
 
 log = logging.getLogger("tuneforge")
 POINTER = "promoted"  # RUN_DIR/promoted: one line, the promoted run dir relative to RUN_DIR
@@ -39,6 +48,8 @@ class RetrainJob:
     mix_old: float = 0.5  # share of old training rows in the candidate's training mix
     objective: str = "sft"  # sft | dpo | kto
     max_regression: float = 0.02  # relative loss increase allowed on either held-out set
+    # largest absolute drop per label metric (accuracy, macro_f1); naming one also gates on it
+    max_drop: dict[str, float] = field(default_factory=dict)
     holdout: float = 0.2  # share of the new feedback kept back to judge the candidate
     min_score: float = 0.75
     pii: str = "drop"
@@ -78,6 +89,8 @@ def _check_job(job: RetrainJob) -> None:
         (0.0 < job.holdout < 1.0, f"--holdout: {job.holdout} must be in (0, 1)"),
         (job.min_new >= 0, f"--min-new: {job.min_new} must be 0 or more"),
         (job.max_regression >= 0, f"--max-regression: {job.max_regression} must be 0 or more"),
+        *((m in LABEL_GATES and 0 <= v <= 100, f"--max-drop: {m}={v} must name one of {', '.join(LABEL_GATES)} with a drop in [0, 100] percentage points")
+          for m, v in job.max_drop.items()),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
@@ -131,42 +144,43 @@ def _mix(old: list[Example], new: list[dict[str, Any]], share: float, seed: int)
     return rows
 
 
-def _evaluate(run: Path, sets: dict[str, list[Example]]) -> dict[str, dict[str, float]]:
+def _label_sets(sets: dict[str, list[Example]]) -> tuple[list[str] | None, dict[str, list[Example]]]:  # fmt: skip
+    """The original held-out set's classes (None when it has fewer than two distinct answers)
+    and the sets with label metrics: the original, and the feedback rows when every answer of
+    theirs is one of those classes (each row labelled with its answer)."""
+    labels = sorted({_answer(ex) for ex in sets.get("original", [])})
+    if len(labels) < 2:
+        return None, {}
+    labelled = {"original": sets["original"]}
+    feedback = sets.get("feedback", [])
+    if feedback and all(_answer(ex) in labels for ex in feedback):
+        labelled["feedback"] = [Example(messages=ex.messages, label=_answer(ex), source=ex.source) for ex in feedback]  # fmt: skip
+    return labels, labelled
+
+
+def _answer(example: Example) -> str:
+    return example.label if example.label is not None else example.messages[-1]["content"]
+
+
+def _evaluate(run: Path, sets: dict[str, list[Example]], label_metrics: list[str]) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Loss on every non-empty set; `label_metrics` (accuracy, macro_f1) where the set has labels."""
     from tuneforge.evaluation.runner import evaluate_examples
     from tuneforge.loading import load_run
     from tuneforge.models import resolve_dtype
 
     loaded = load_run(run, resolve_dtype("auto", "cpu"))
+    labels, labelled = _label_sets(sets) if label_metrics else (None, {})
     out = {}
     for name, examples in sets.items():
         if not examples:
             continue
-        labelled = all(ex.label is not None for ex in examples) and len({ex.label for ex in examples}) > 1  # fmt: skip
-        metrics = ["loss", "accuracy"] if labelled else ["loss"]
+        gated = name in labelled
         out[name] = evaluate_examples(
-            loaded.model, loaded.tokenizer, examples, metrics,
-            positions_aligned=loaded.positions_aligned,
+            loaded.model, loaded.tokenizer, labelled.get(name, examples),
+            ["loss", *label_metrics] if gated else ["loss"],
+            positions_aligned=loaded.positions_aligned, labels=labels if gated else None,
         )  # fmt: skip
     return out
-
-
-def decide(
-    parent: dict[str, dict[str, float]],
-    candidate: dict[str, dict[str, float]],
-    max_regression: float,
-) -> tuple[bool, str]:
-    """Promote unless the candidate's loss on some held-out set exceeds parent * (1 + max)."""
-    worse, notes = [], []
-    for name in parent:
-        p, c = parent[name]["loss"], candidate[name]["loss"]
-        notes.append(f"{name} loss {p:.4f} -> {c:.4f}")
-        if not c <= p * (1 + max_regression):
-            worse.append(name)
-    if worse:
-        return False, f"worse on {', '.join(worse)} beyond {max_regression:.1%}: " + "; ".join(
-            notes
-        )
-    return True, "; ".join(notes)
 
 
 def run_retrain(job: RetrainJob) -> RetrainOutcome:
@@ -233,8 +247,11 @@ def _run_attempt(job, store, attempt, served, config, run_id, data) -> RetrainOu
     else:
         _train_preference(job, config, served, train_rows, candidate)
     sets = {"original": old_val, "feedback": [_as_example(r) for r in held_rows]}
-    metrics = {"parent": _evaluate(served, sets), "candidate": _evaluate(candidate, sets)}
-    promote, reason = decide(metrics["parent"], metrics["candidate"], job.max_regression)
+    gated = gated_label_metrics(config.get("eval", {}).get("metrics") or [], job.max_drop)
+    metrics: dict[str, Any] = {"parent": _evaluate(served, sets, gated), "candidate": _evaluate(candidate, sets, gated)}  # fmt: skip
+    limits = (job.max_regression, job.max_drop, gated)
+    promote, reason = decide(metrics["parent"], metrics["candidate"], *limits)
+    metrics["gates"] = gate_checks(metrics["parent"], metrics["candidate"], *limits)
     decision = "promoted" if promote else "rejected"
     write_json_atomic(attempt / "decision.json", {"id": run_id, "parent": str(served), "decision": decision,
                       "reason": reason, "metrics": metrics, "data_hashes": hashes, "feedback_ids": feedback_ids})  # fmt: skip
@@ -276,20 +293,30 @@ def _train_sft(job: RetrainJob, config: dict, served: Path, train: Path, out: Pa
     run_training(cfg, show_progress=job.show_progress)
 
 
+def policy_and_reference(method: Method, base: torch.nn.Module, adapter: Path) -> PeftModel:
+    """The served adapter twice on one `base`, both through `method.load`: "default" trainable
+    (the policy) and "reference" frozen. The base weights are the same tensors for both."""
+    model = method.load(base, str(adapter), trainable=True)
+    model = method.load(model, str(adapter), name="reference", trainable=False)
+    model.set_adapter("default")
+    return model
+
+
 def _train_preference(job, config: dict, served: Path, rows: list[dict], out: Path) -> None:
     """DPO / KTO from the served adapter, with the same adapter frozen as the reference."""
-    from peft import PeftModel
-
+    from tuneforge.loading import run_method
     from tuneforge.models import load_model, load_tokenizer, resolve_dtype
     from tuneforge.train.preference import PreferenceSettings, train_preference
 
     adapter = served / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise FeedbackError(f"--objective {job.objective}: {served} has no adapter/ (full fine-tunes retrain with sft)")  # fmt: skip
-    _, manifest = read_run(served)
+    served_config, manifest = read_run(served)
+    method = run_method(served_config)
+    if method.adds_virtual_tokens:
+        raise FeedbackError(f"--objective {job.objective}: method {method.name} adds virtual tokens, which the preference losses do not handle; retrain it with --objective sft")  # fmt: skip
     base = load_model(Path(manifest["base_model"]["dir"]), resolve_dtype("auto", "cpu"))
-    model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
-    model.load_adapter(str(adapter), adapter_name="reference", is_trainable=False)
+    model = policy_and_reference(method, base, adapter)
     tokenizer = load_tokenizer(served / "tokenizer")
     settings = PreferenceSettings(objective=job.objective, beta=job.beta, lr=float(config["train"]["lr"]),
                                   steps=job.steps or 20, batch_size=int(config["train"]["batch_size"]),
