@@ -197,6 +197,7 @@
       var node = $("#chat-turn").content.firstElementChild.cloneNode(true);
       node.classList.add(role);
       $(".who", node).textContent = role === "user" ? "you" : pick.value;
+      if (role === "user") $(".rate", node).remove();
       log.appendChild(node);
       return node;
     }
