@@ -265,5 +265,6 @@ def test_a_server_that_fails_to_start_is_reported(ws):
             assert "exited with 2" in response.json()["error"]
             assert "no model here" in response.json()["error"]
             assert app.state.chat.status()["state"] == "stopped"
+            assert not app.state.chat.keys_file.exists()
     finally:
         app.state.queue.close()

@@ -170,6 +170,8 @@ class ChatServer:
             await self._wait_ready(served)
         except BaseException:
             await _terminate(proc)
+            self.keys_file.unlink(missing_ok=True)
+            self.state_file.unlink(missing_ok=True)
             raise
         return served
 
