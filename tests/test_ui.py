@@ -476,6 +476,23 @@ def test_export_page_shows_the_recheck_table(tmp_path):
         response = client.post("/export", data=form)
         assert response.status_code == 400
         assert app.state.queue.jobs == []
+        # the buttons are on, and one queues `tuneforge export` like a training job
+        assert html.count("<button>Export ") == 3 and "disabled" not in html
+        response = client.post("/export", data={**form, "quant": "q8_0"}, follow_redirects=False)
+        assert response.status_code == 303
+        [job] = app.state.queue.jobs
+        assert (job.kind, job.run, job.state) == ("export", "runs/x", "queued")
+        assert job.argv == [
+            "export",
+            "runs/x",
+            "--format",
+            "gguf",
+            "--overwrite",
+            "--quant",
+            "q8_0",
+        ]
+        html = client.get("/export", params={"dir": "runs/x"}).text
+        assert html.count("<button disabled>Export ") == 3  # while its job is queued
     finally:
         app.state.queue.close()
 

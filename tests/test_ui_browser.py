@@ -2,12 +2,15 @@
 never a downloaded browser) against `tuneforge ui` started as a user would start it.
 
 Token refused / accepted, a wrong value named inline by its key, the fixed config launched on a
-tiny model, the loss curve growing while it runs, the report, the picker refusing `../`.
+tiny model, the loss curve growing while it runs, the report, the picker refusing `../`; then a
+chat with the finished run through the page's own `tuneforge serve`, a streamed answer rated with
+a correction, and the rating read back from the run's feedback store.
 Screenshots go to $TUNEFORGE_UI_SHOTS (docs/ui/ when refreshing the docs), else a temp dir.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -33,6 +36,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SRC = Path(__file__).resolve().parent.parent / "src"
+ui_state: dict[str, int] = {}  # what the test leaves for the fixture's teardown to check
 
 
 def free_port() -> int:
@@ -75,10 +79,13 @@ def ui_server(tmp_path, tiny_model_dir):
     yield url, base, ws
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=40)
     finally:
         if proc.poll() is None:
             proc.kill()
+    pid = ui_state.pop("serve_pid", None)
+    if pid is not None:  # the page's chat server stopped with the page
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
 
 
 def fill(page, values: dict[str, str]) -> None:
@@ -176,11 +183,60 @@ def test_the_whole_loop_in_chromium(ui_server, tmp_path):
             ("data", "/data?config=configs/browser.yaml", "#example mark"),
             ("compare", "/compare?runs=runs/browser", "#compare-table"),
             ("export", "/export?dir=runs/browser", "h2"),
-            ("chat", "/chat", "h1"),
         ]:
             assert page.goto(base + path).status == 200, path
             page.wait_for_selector(shows)
             if name == "compare":
                 page.wait_for_function("+document.querySelector('#cmp-loss').dataset.points >= 120")
             page.screenshot(path=str(shots / f"{name}.png"))
+
+        chat_and_rate(page, base, ws, shots)
+        ui_state["serve_pid"] = json.loads((ws / ".tuneforge-ui" / "serve.json").read_text())["pid"]
         browser.close()
+
+
+def chat_and_rate(page, base: str, ws: Path, shots: Path) -> None:
+    """Chat with the finished run through the page's `tuneforge serve`, rate the answer, and
+    find the rating in the run's feedback store (real SQLite, read back with FeedbackStore)."""
+    from tuneforge.feedback import FeedbackStore
+
+    page.goto(base + "/chat?target=runs/browser")
+    started = time.monotonic()
+    page.click("#chat-start")
+    page.wait_for_selector("#chat-status.ready", timeout=300_000)
+    start_s = time.monotonic() - started
+    assert page.locator("#chat-model").inner_text() == "browser"
+    page.fill("#chat-max-tokens", "8")
+    page.fill("#chat-input", "Color of sky?")
+    started = time.monotonic()
+    page.click("#chat-send")
+    answer = page.locator(".turn.assistant").first
+    page.wait_for_selector(".turn.assistant .rate:not([hidden])", timeout=60_000)
+    answer_s = time.monotonic() - started
+    rid, text = answer.get_attribute("data-response-id"), answer.locator(".text").inner_text()
+    assert re.fullmatch(r"chatcmpl-[0-9a-f]{32}", rid or "") and text, (rid, text)
+    answer.locator(".correction").fill("blue")
+    answer.locator(".thumb.up").click()
+    page.wait_for_selector(".rate-result.stored, .rate-result.failed")
+    assert answer.locator(".rate-result").inner_text().startswith("stored (feedback #1")
+    page.screenshot(path=str(shots / "chat.png"))
+
+    store = FeedbackStore(f"sqlite:///{ws / 'runs/browser/serve/feedback.sqlite'}", create=False)
+    try:
+        rows = [
+            (f["response_id"], f["rating"], f["scale"], f["correction"]) for f in store.feedback()
+        ]
+        assert rows == [(rid, 1, "thumbs", "blue")]
+        served = store.get_response(rid)
+        assert served["request"]["messages"] == [{"role": "user", "content": "Color of sky?"}]
+        assert served["request"]["max_tokens"] == 8 and served["completion"]
+    finally:
+        store.close()
+
+    page.goto(base + "/feedback?target=runs/browser")
+    dashboard = page.frame_locator("#dashboard")
+    dashboard.locator("text=Latest feedback").wait_for(timeout=60_000)
+    assert "1 ratings, 1 corrections" in dashboard.locator("body").inner_text()
+    assert dashboard.locator("img").count() == 3
+    page.screenshot(path=str(shots / "feedback.png"), full_page=True)
+    print(f"\nchat: serve ready {start_s:.1f} s after Start, answer in {answer_s:.2f} s")

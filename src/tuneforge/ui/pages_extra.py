@@ -1,12 +1,10 @@
-"""Pages that use a finished run: export (a `tuneforge export` job and its re-check table), chat
-and feedback (through `tuneforge serve` and the feedback store, when those packages exist).
+"""The export page: a `tuneforge export` job for a finished run, and each export's re-check table.
 
 The export itself and its re-check are the export recipe's; this reads the export.json it leaves.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +19,6 @@ router = APIRouter()
 EXPORT_FORMATS = {"merged": None, "gguf": "q4_k_m", "nf4": None}
 QUANTS = ("q4_k_m", "q8_0", "q5_k_m", "q6_k", "q4_0", "f16")
 METRICS = ("loss", "perplexity", "accuracy", "macro_f1")
-
-
-def has_package(name: str) -> bool:
-    return importlib.util.find_spec(f"tuneforge.{name}") is not None
 
 
 def finished_runs(request: Request) -> list[str]:
@@ -68,7 +62,6 @@ def export_page(request: Request, dir: str = ""):
     return render(
         request,
         "export.html",
-        available=has_package("export"),
         formats=list(EXPORT_FORMATS),
         quants=QUANTS,
         **context,
@@ -80,8 +73,6 @@ async def export_start(request: Request) -> RedirectResponse:
     """Queue `tuneforge export RUN --format F [--quant Q] --overwrite` for a finished run."""
     form = await form_data(request)
     rel, fmt = form.get("dir", ""), form.get("format", "")
-    if not has_package("export"):
-        raise UsageError("export needs the tuneforge.export package, which is not installed")
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"format: {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
     if not (request.app.state.ws.resolve(rel) / "summary.json").is_file():
@@ -94,18 +85,3 @@ async def export_start(request: Request) -> RedirectResponse:
         argv += ["--quant", quant]
     request.app.state.queue.submit("export", rel, argv)
     return RedirectResponse(f"/export?dir={rel}", status_code=303)
-
-
-@router.get("/chat")
-def chat_page(request: Request):
-    return render(
-        request,
-        "chat.html",
-        available=has_package("serve"),
-        runs=finished_runs(request),
-    )
-
-
-@router.get("/feedback")
-def feedback_page(request: Request):
-    return render(request, "feedback.html", available=has_package("feedback"))

@@ -1,5 +1,5 @@
 /* The page's behaviour: method fields, the workspace file picker, live run curves (server-sent
-   events), the comparison overlay. User text is only ever set with textContent. */
+   events), the comparison overlay, the chat (streamed answers, ratings). User text is only ever set with textContent. */
 (function () {
   "use strict";
   var $ = function (sel, root) { return (root || document).querySelector(sel); };
@@ -137,8 +137,144 @@
     });
   }
 
+  // -- chat: the page relays to its own `tuneforge serve`; the browser never holds the API key --
+  function post(url, body) {
+    return fetch(url, {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": $('meta[name="csrf"]').content },
+      body: JSON.stringify(body)
+    });
+  }
+
+  function failure(r) {  // the page's {"error": ...} (or the server's message it relays)
+    return r.json().then(function (j) { return j.error || ("HTTP " + r.status); },
+                         function () { return "HTTP " + r.status; });
+  }
+
+  function readEvents(response, onData) {  // server-sent events from a fetch body: `data:` lines
+    var reader = response.body.getReader(), decoder = new TextDecoder(), buf = "";
+    function pump() {
+      return reader.read().then(function (r) {
+        if (r.done) return;
+        buf += decoder.decode(r.value, { stream: true });
+        var blocks = buf.split("\n\n");
+        buf = blocks.pop();
+        blocks.forEach(function (block) {
+          block.split("\n").forEach(function (line) {
+            if (line.indexOf("data:") === 0) onData(line.slice(5).trim());
+          });
+        });
+        return pump();
+      });
+    }
+    return pump();
+  }
+
+  function randomKey() {
+    var bytes = new Uint8Array(16);
+    window.crypto.getRandomValues(bytes);
+    return Array.prototype.map.call(bytes, function (b) { return (b < 16 ? "0" : "") + b.toString(16); }).join("");
+  }
+
+  function chat() {
+    var root = $("#chat");
+    if (!root) return;
+    var pick = $("#chat-target"), status = $("#chat-status"), log = $("#chat-log");
+    var history = [], busy = false;
+    function setStatus(state, model) {
+      status.textContent = state; status.className = "state " + state;
+      $("#chat-model").textContent = model || "";
+    }
+    function showError(text) { $("#chat-error").textContent = text || ""; }
+    function start() {
+      setStatus("starting"); showError("");
+      return post("/chat/start", { target: pick.value }).then(function (r) {
+        if (!r.ok) return failure(r).then(function (e) { setStatus("stopped"); throw new Error(e); });
+        return r.json().then(function (j) { status.dataset.target = j.target; setStatus("ready", j.model); });
+      });
+    }
+    function turn(role) {
+      var node = $("#chat-turn").content.firstElementChild.cloneNode(true);
+      node.classList.add(role);
+      $(".who", node).textContent = role === "user" ? "you" : pick.value;
+      if (role === "user") $(".rate", node).remove();
+      log.appendChild(node);
+      return node;
+    }
+    function rate(node, rating) {
+      var result = $(".rate-result", node), buttons = $$("button", node);
+      buttons.forEach(function (b) { b.disabled = true; });
+      result.className = "rate-result"; result.textContent = "sending…";
+      post("/chat/feedback", {
+        target: node.dataset.target, response_id: node.dataset.responseId, rating: rating,
+        correction: $(".correction", node).value, idempotency_key: randomKey()
+      }).then(function (r) {
+        if (!r.ok) return failure(r).then(function (e) { throw new Error(e); });
+        return r.json().then(function (j) {
+          result.className = "rate-result stored";
+          result.textContent = "stored (feedback #" + j.id + ", " + (rating > 0 ? "thumbs up" : "thumbs down") + ")";
+        });
+      }).catch(function (e) {
+        result.className = "rate-result failed"; result.textContent = "not stored: " + e.message;
+      }).then(function () { buttons.forEach(function (b) { b.disabled = false; }); });
+    }
+    function answer(node, r) {
+      var text = $(".text", node), failed = null;
+      return readEvents(r, function (data) {
+        if (data === "[DONE]") return;
+        var chunk = JSON.parse(data);
+        if (chunk.error) { failed = chunk.error.message || String(chunk.error); return; }
+        if (chunk.id) node.dataset.responseId = chunk.id;
+        var choice = (chunk.choices || [])[0] || {};
+        if (choice.delta && typeof choice.delta.content === "string") text.textContent += choice.delta.content;
+      }).then(function () { if (failed) throw new Error(failed); return text.textContent; });
+    }
+    function send(ev) {
+      ev.preventDefault();
+      var input = $("#chat-input"), content = input.value;
+      if (busy || !content.trim()) return;
+      busy = true; showError(""); $("#chat-send").disabled = true;
+      history.push({ role: "user", content: content });
+      $(".text", turn("user")).textContent = content;
+      input.value = "";
+      var node = turn("assistant"), target = pick.value;
+      node.dataset.target = target; node.classList.add("streaming");
+      var ready = status.dataset.target === target && status.textContent === "ready" ? Promise.resolve() : start();
+      ready.then(function () {
+        return post("/chat/completions", {
+          target: target, messages: history,
+          max_tokens: +$("#chat-max-tokens").value, temperature: +$("#chat-temperature").value
+        });
+      }).then(function (r) {
+        if (!r.ok) return failure(r).then(function (e) { throw new Error(e); });
+        return answer(node, r);
+      }).then(function (text) {
+        history.push({ role: "assistant", content: text });
+        if (node.dataset.responseId) $(".rate", node).hidden = false;
+      }).catch(function (e) {
+        history.pop(); node.remove(); showError(e.message);
+      }).then(function () {
+        node.classList.remove("streaming"); busy = false; $("#chat-send").disabled = false;
+      });
+    }
+    function clear() { history = []; log.textContent = ""; showError(""); }
+    log.addEventListener("click", function (ev) {
+      var b = ev.target.closest("button.thumb");
+      if (b) rate(b.closest(".turn"), b.classList.contains("up") ? 1 : -1);
+    });
+    $("#chat-form").addEventListener("submit", send);
+    $("#chat-input").addEventListener("keydown", function (ev) {
+      if (ev.key === "Enter" && !ev.shiftKey) send(ev);
+    });
+    $("#chat-start").addEventListener("click", function () { start().catch(function (e) { showError(e.message); }); });
+    $("#chat-stop").addEventListener("click", function () {
+      post("/chat/stop", {}).then(function () { status.dataset.target = ""; setStatus("stopped"); });
+    });
+    $("#chat-clear").addEventListener("click", clear);
+    pick.addEventListener("change", function () { clear(); setStatus("stopped"); status.dataset.target = ""; });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
-    methodFields(); picker(); live(); overlay();
-    if (window.TFChat) window.TFChat();
+    methodFields(); picker(); live(); overlay(); chat();
   });
 })();
