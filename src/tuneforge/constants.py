@@ -23,3 +23,6 @@ LOSS_METRICS = ("loss", "perplexity")
 LABEL_METRICS = ("accuracy", "macro_f1")
 GENERATION_METRICS = ("bleu", "chrf", "rouge", "exact_match")
 EVAL_METRICS = LOSS_METRICS + LABEL_METRICS + GENERATION_METRICS
+
+#: The feedback store's SQLite file, in RUN_DIR/serve/: `serve` writes it, `retrain` and the UI read it.
+FEEDBACK_STORE_FILE = "feedback.sqlite"

@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from tuneforge.constants import FEEDBACK_STORE_FILE
+
 MAX_LISTED = 20
 
 
@@ -48,7 +50,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("retrain", help="retrain the served adapter on feedback; promote if better")
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for the candidate run")
-    p.add_argument("--db", help=db_help + " (default: RUN_DIR/serve/feedback.db)")
+    p.add_argument("--db", help=db_help + f" (default: RUN_DIR/serve/{FEEDBACK_STORE_FILE})")
     p.add_argument("--min-new", type=int, default=20, help="do nothing below N new feedback rows")
     p.add_argument("--mix", default="old=0.5", help="old=SHARE: share of old rows in the mix")
     p.add_argument("--objective", default="sft", help="sft (corrections) | dpo (pairs) | kto")
@@ -226,7 +228,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     job = RetrainJob(
         run_dir=run_dir,
-        db=args.db or str(run_dir / "serve" / "feedback.db"),
+        db=args.db or str(run_dir / "serve" / FEEDBACK_STORE_FILE),
         min_new=args.min_new,
         mix_old=_mix_share(args.mix),
         objective=args.objective,

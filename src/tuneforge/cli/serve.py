@@ -13,6 +13,7 @@ import logging
 import re
 from pathlib import Path
 
+from tuneforge.constants import FEEDBACK_STORE_FILE
 from tuneforge.errors import UsageError
 
 log = logging.getLogger("tuneforge")
@@ -146,7 +147,7 @@ def _sink_and_routers(args: argparse.Namespace, keys, records_dir: Path):
         return JsonlRecordSink(records), []
     from tuneforge.feedback import FeedbackStore, feedback_router
 
-    url = args.db or f"sqlite:///{records_dir / 'feedback.sqlite'}"
+    url = args.db or f"sqlite:///{records_dir / FEEDBACK_STORE_FILE}"
     store = FeedbackStore(url)
     return store, [feedback_router(store, keys)]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from tuneforge.constants import FEEDBACK_STORE_FILE
 from tuneforge.errors import UnsafePathError
 from tuneforge.paths import write_json_atomic
 from tuneforge.serve.auth import HASH_PREFIX, hash_key, new_key
@@ -29,7 +30,7 @@ from tuneforge.ui.workspace import Workspace, _inside
 SERVE_ARGV = (sys.executable, "-m", "tuneforge.cli", "serve")
 HEALTH_TIMEOUT_S = 300.0  # loading a model on a busy 2-core machine can take a minute or more
 STOP_GRACE_S = 20.0
-STORE_NAME = "feedback.sqlite"  # what `tuneforge serve` uses beside the target without --db
+STORE_NAME = FEEDBACK_STORE_FILE  # what `tuneforge serve` uses beside the target without --db
 
 
 class ChatUnavailable(Exception):
