@@ -29,6 +29,20 @@ def _times(points: list[dict[str, Any]]) -> list[dt.datetime]:
     return [dt.datetime.fromtimestamp(p["start"]) for p in points]
 
 
+def _label(name: str) -> str:
+    """A legend label: an adapter named by its path shows its last two parts, not the whole path."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p]
+    return "/".join(parts[-2:])[:40] if len(parts) > 1 else name[:40]
+
+
+def _finish(fig, ax, times: list[dt.datetime]) -> None:
+    """Date ticks; one point (or none) gets a one-hour window instead of matplotlib's years-wide one."""
+    if len({t for t in times}) <= 1:
+        mid = times[0] if times else dt.datetime.now()
+        ax.set_xlim(mid - dt.timedelta(minutes=30), mid + dt.timedelta(minutes=30))
+    fig.autofmt_xdate()
+
+
 def plots(summary: dict[str, Any]) -> dict[str, str]:
     """Title -> PNG data URL for each chart."""
     import matplotlib
@@ -39,26 +53,28 @@ def plots(summary: dict[str, Any]) -> dict[str, str]:
     out = {}
     t, series = _times(summary["traffic"]), summary["traffic"]
     fig, ax = plt.subplots(figsize=(6, 2.4))
-    ax.plot(t, [b["requests"] for b in series], label="requests")
-    ax.plot(t, [b["errors"] for b in series], label="errors", color="tab:red")
+    ax.plot(t, [b["requests"] for b in series], marker=".", label="requests")
+    ax.plot(t, [b["errors"] for b in series], marker=".", label="errors", color="tab:red")
     ax.legend(loc="upper left", fontsize=8)
-    fig.autofmt_xdate()
+    _finish(fig, ax, t)
     out["Requests and errors"] = _png(fig)
     fig, ax = plt.subplots(figsize=(6, 2.4))
-    ax.plot(t, [b["p50_s"] for b in series], label="p50")
-    ax.plot(t, [b["p95_s"] for b in series], label="p95")
+    ax.plot(t, [b["p50_s"] for b in series], marker=".", label="p50")
+    ax.plot(t, [b["p95_s"] for b in series], marker=".", label="p95")
     ax.set_ylabel("seconds")
     ax.legend(loc="upper left", fontsize=8)
-    fig.autofmt_xdate()
+    _finish(fig, ax, t)
     out["Latency"] = _png(fig)
     fig, ax = plt.subplots(figsize=(6, 2.4))
+    rated: list[dt.datetime] = []
     for name, points in summary["ratings"].items():
-        ax.plot(_times(points), [p["mean_score"] for p in points], marker="o", label=name[:40])
+        rated += _times(points)
+        ax.plot(_times(points), [p["mean_score"] for p in points], marker="o", label=_label(name))
     ax.set_ylim(-0.05, 1.05)
     ax.set_ylabel("mean score (0-1)")
     if summary["ratings"]:
         ax.legend(loc="lower left", fontsize=7)
-    fig.autofmt_xdate()
+    _finish(fig, ax, rated)
     out["Rating per model / adapter"] = _png(fig)
     return out
 
