@@ -122,26 +122,24 @@ class BatcherQueue:
         self.batcher.shutdown(timeout_s)
 
 
-class Batcher:
-    """A bounded FIFO of jobs and the one thread that runs them, up to `max_batch` at a time.
+class WorkerQueue:
+    """A bounded FIFO of jobs, the one worker thread that serves it, and calls run between work.
 
-    The worker takes the oldest job, waits up to `wait_s` for others with the same `group_key`
-    (e.g. the same adapter) and hands them to `run_batch` together. `call` runs a function on
-    the worker between batches (adapter swaps), so nothing changes under a running batch.
+    Subclasses write `_loop` (how jobs become batches); this holds what every such queue shares:
+    submit (429 when full, refused while closing), depth, `call` (run a function on the worker,
+    e.g. an adapter swap, so nothing changes under running work) and a bounded shutdown.
     """
 
     def __init__(
         self,
-        run_batch: Callable[[list[Job]], None],
         *,
         max_batch: int,
         max_queue: int,
-        wait_s: float = 0.005,
-        group_key: Callable[[Job], Any] = lambda job: job.model,
-        on_batch: Callable[[int], None] | None = None,
-        name: str = "tuneforge-engine",
+        wait_s: float,
+        on_batch: Callable[[int], None] | None,
+        name: str,
     ) -> None:
-        self.run_batch, self.group_key, self.on_batch = run_batch, group_key, on_batch
+        self.on_batch = on_batch
         self.max_batch, self.max_queue, self.wait_s = max(1, max_batch), max(1, max_queue), wait_s
         self._jobs: deque[Job] = deque()
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
@@ -163,10 +161,11 @@ class Batcher:
             self._cond.notify()
 
     def depth(self) -> int:
+        """Jobs waiting to run (running ones are not counted)."""
         return len(self._jobs)
 
     def call(self, fn: Callable[[], Any], timeout_s: float = 600.0) -> Any:
-        """Run `fn` on the worker thread between two batches and return its result."""
+        """Run `fn` on the worker thread between two pieces of work and return its result."""
         future: Future = Future()
         with self._cond:
             self._calls.append((fn, future))
@@ -176,18 +175,59 @@ class Batcher:
         return future.result(timeout=timeout_s)
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Refuse new jobs, finish the queued ones (bounded by `timeout_s`), stop the worker."""
+        """Refuse new jobs, finish the queued and running ones (bounded), stop the worker."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=timeout_s)
         with self._cond:  # whatever is left after the bound is cancelled, not dropped silently
-            left = list(self._jobs)
+            left = list(self._jobs) + self._running_jobs()
             self._jobs.clear()
         for job in left:
             job.cancel()
             job.finish(Failed("the server shut down before this request ran"))
+
+    def _running_jobs(self) -> list[Job]:
+        return []
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def _run_calls(self) -> None:
+        while True:
+            with self._cond:
+                if not self._calls:
+                    return
+                fn, future = self._calls.popleft()
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 (handed to the caller)
+                future.set_exception(e)
+
+
+class Batcher(WorkerQueue):
+    """Runs requests that arrive together as one batch, up to `max_batch` at a time.
+
+    The worker takes the oldest job, waits up to `wait_s` for others with the same `group_key`
+    (e.g. the same adapter) and hands them to `run_batch` together.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[Job]], None],
+        *,
+        max_batch: int,
+        max_queue: int,
+        wait_s: float = 0.005,
+        group_key: Callable[[Job], Any] = lambda job: job.model,
+        on_batch: Callable[[int], None] | None = None,
+        name: str = "tuneforge-engine",
+    ) -> None:
+        super().__init__(
+            max_batch=max_batch, max_queue=max_queue, wait_s=wait_s, on_batch=on_batch, name=name
+        )
+        self.run_batch, self.group_key = run_batch, group_key
 
     def _loop(self) -> None:
         while True:
@@ -200,17 +240,6 @@ class Batcher:
             batch = self._take_batch()
             if batch:
                 self._run(batch)
-
-    def _run_calls(self) -> None:
-        while True:
-            with self._cond:
-                if not self._calls:
-                    return
-                fn, future = self._calls.popleft()
-            try:
-                future.set_result(fn())
-            except BaseException as e:  # noqa: BLE001 (handed to the caller)
-                future.set_exception(e)
 
     def _take_batch(self) -> list[Job]:
         deadline = time.monotonic() + self.wait_s

@@ -8,14 +8,11 @@ only decides who runs: admission, the batch and token limits, lanes, and calls b
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future
-from typing import Any, Protocol
+from typing import Protocol
 
-from tuneforge.serve.engines.base import Failed, Job, QueueFull
+from tuneforge.serve.engines.base import Failed, Job, WorkerQueue
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +41,7 @@ def job_cost(job: Job) -> int:
     return len(job.prompt_ids) + job.params.max_tokens
 
 
-class Scheduler:
+class Scheduler(WorkerQueue):
     """Runs jobs through a Stepper, admitting newcomers between decode steps.
 
     Admission is first come, first served: the oldest waiting job joins when its lane is the
@@ -67,59 +64,15 @@ class Scheduler:
         on_batch: Callable[[int], None] | None = None,
         name: str = "tuneforge-scheduler",
     ) -> None:
-        self.stepper, self.on_batch = stepper, on_batch
-        self.max_batch, self.max_queue = max(1, max_batch), max(1, max_queue)
-        self.max_batch_tokens, self.wait_s = max(0, max_batch_tokens), wait_s
+        super().__init__(
+            max_batch=max_batch, max_queue=max_queue, wait_s=wait_s, on_batch=on_batch, name=name
+        )
+        self.stepper, self.max_batch_tokens = stepper, max(0, max_batch_tokens)
         self.running: list[Job] = []
         self._lane: Hashable | None = None
-        self._jobs: deque[Job] = deque()
-        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
-        self._cond = threading.Condition()
-        self._closing = False
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
-    # ---- the queue's side (any thread) -------------------------------------------------------
-
-    def start(self) -> None:
-        if not self._thread.is_alive():
-            self._thread.start()
-
-    def submit(self, job: Job) -> None:
-        with self._cond:
-            if self._closing:
-                raise QueueFull("the server is shutting down")
-            if len(self._jobs) >= self.max_queue:
-                raise QueueFull(f"{len(self._jobs)} requests are waiting")
-            self._jobs.append(job)
-            self._cond.notify()
-
-    def depth(self) -> int:
-        """Jobs waiting for a place in the batch (running ones are not counted)."""
-        return len(self._jobs)
-
-    def call(self, fn: Callable[[], Any], timeout_s: float = 600.0) -> Any:
-        """Run `fn` on the worker once the running batch has drained; return its result."""
-        future: Future = Future()
-        with self._cond:
-            self._calls.append((fn, future))
-            self._cond.notify()
-        if not self._thread.is_alive():  # not started (tests, one-shot use): run here
-            self._run_calls()
-        return future.result(timeout=timeout_s)
-
-    def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Refuse new jobs, finish the queued and running ones (bounded), stop the worker."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout=timeout_s)
-        with self._cond:  # whatever is left after the bound is cancelled, not dropped silently
-            left = list(self._jobs) + list(self.running)
-            self._jobs.clear()
-        for job in left:
-            job.cancel()
-            job.finish(Failed("the server shut down before this request ran"))
+    def _running_jobs(self) -> list[Job]:
+        return list(self.running)
 
     # ---- the worker --------------------------------------------------------------------------
 
@@ -192,14 +145,3 @@ class Scheduler:
                 if remaining <= 0:
                     return
                 self._cond.wait(remaining)
-
-    def _run_calls(self) -> None:
-        while True:
-            with self._cond:
-                if not self._calls:
-                    return
-                fn, future = self._calls.popleft()
-            try:
-                future.set_result(fn())
-            except BaseException as e:  # noqa: BLE001 (handed to the caller)
-                future.set_exception(e)
