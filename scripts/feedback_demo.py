@@ -1,8 +1,9 @@
 """The loop on the quickstart model: answer reviews, rate the answers from the labels, retrain, compare.
 
 Works on a copy of the run (OUT/run) and a fresh store (OUT/feedback.db), so the run and any
-served store stay untouched; answers come from the run loaded in-process (not over HTTP) and
-go into the store as serve's records would. The first --serve rows of --data are the traffic
+served store stay untouched. The copy is served by `tuneforge serve` on 127.0.0.1 (a fresh key,
+its log in OUT/serve.log); reviews go through the official `openai` client and ratings through
+POST /v1/feedback, as a real deployment's would. The first --serve rows of --data are the traffic
 (thumbs up when the answer names the label; thumbs down with the label as the correction
 otherwise); the next --eval rows are never fed back and measure held-out accuracy before and
 after. Writes OUT/demo.json and OUT/demo.md. Needs `make quickstart` first; about 5-10 minutes
@@ -15,23 +16,31 @@ on 2 cores with the defaults. Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
+import secrets
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
+from openai import OpenAI
 from tqdm.auto import tqdm
 
 from tuneforge.data.formats import Example, load_examples
 from tuneforge.evaluation.metrics import match_label
 from tuneforge.evaluation.runner import evaluate_examples
 from tuneforge.feedback.store import FeedbackStore
-from tuneforge.feedback.validate import FeedbackItem
-from tuneforge.loading import generate, load_reference
+from tuneforge.loading import load_reference
 from tuneforge.paths import write_json_atomic, write_text_atomic
 from tuneforge.recipes.retrain import RetrainJob, promoted_dir, run_retrain
-from tuneforge.serve.records import ResponseRecord
+from tuneforge.serve.auth import HASH_PREFIX, hash_key
 
 PHASES = 5
 
@@ -50,31 +59,63 @@ def answer_of(ex: Example) -> str:
     return ex.label if ex.label is not None else ex.messages[-1]["content"]
 
 
+@contextmanager
+def served(run: Path, db: str, out: Path) -> Iterator[tuple[str, str]]:
+    """`tuneforge serve RUN` on a free 127.0.0.1 port with a fresh key; yields (base URL, key)."""
+    key = secrets.token_urlsafe(24)
+    keys = out / "serve.keys"
+    keys.write_text(HASH_PREFIX + hash_key(key) + "\n", encoding="utf-8")
+    keys.chmod(0o600)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "tuneforge.cli", "serve", str(run), "--name", "demo",
+            "--host", "127.0.0.1", "--port", str(port), "--api-key-file", str(keys), "--db", db]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with open(out / "serve.log", "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not _healthy(url):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(
+                        f"error: tuneforge serve did not start; see {out / 'serve.log'}"
+                    )
+                time.sleep(0.5)
+            yield url, key
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def serve_and_rate(
-    loaded: Any,
-    rows: list[Example],
-    labels: list[str],
-    store: FeedbackStore,
-    model: str,
-    quiet: bool,
+    url: str, key: str, rows: list[Example], labels: list[str], quiet: bool
 ) -> float:
-    """Answer each row; thumbs up when it names the label, else thumbs down + the label as the
-    correction. Returns the share answered right (by generation, as a user would see it)."""
+    """Ask the server each row (greedy, through the openai client); thumbs up when the answer names
+    the label, else thumbs down + the label as the correction, POSTed to /v1/feedback. Returns the
+    share answered right (by generation, as a user would see it)."""
+    client = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=300)
+    auth = {"Authorization": f"Bearer {key}"}
     right = 0
     for ex in tqdm(rows, desc="serve", unit="review", disable=quiet):
         messages = [m for m in ex.messages if m["role"] != "assistant"]
-        label, start = answer_of(ex), time.time()
-        answer = generate(loaded, messages[-1]["content"], max_new_tokens=6).strip()
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        store.write(ResponseRecord(
-            id=rid, created=start, route="/v1/chat/completions", model=model, adapter="default",
-            request={"messages": messages}, prompt=messages[-1]["content"], completion=answer,
-            finish_reason="stop", prompt_tokens=0, completion_tokens=0,
-            latency_s=time.time() - start, ttft_s=None, status=200, error=None,
-        ))  # fmt: skip
-        ok = match_label(answer, labels) == label
+        label = answer_of(ex)
+        reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=6, temperature=0)  # fmt: skip
+        ok = match_label((reply.choices[0].message.content or "").strip(), labels) == label
         right += ok
-        store.add_feedback(FeedbackItem(rid, 1 if ok else -1, "thumbs", correction=None if ok else label))  # fmt: skip
+        body = {"response_id": reply.id, "rating": 1 if ok else -1, "scale": "thumbs",
+                "correction": None if ok else label, "idempotency_key": uuid.uuid4().hex}  # fmt: skip
+        httpx.post(url + "/v1/feedback", json=body, headers=auth, timeout=60).raise_for_status()
     return right / len(rows)
 
 
@@ -126,11 +167,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     out, traffic, held, labels = prepare(args)
     run, db = out / "run", f"sqlite:///{(out / 'feedback.db').resolve()}"
     clock.phase(1, f"copied {args.run} to {run}; {len(traffic)} traffic rows, {len(held)} held-out rows, labels {labels}")  # fmt: skip
+    with served(run, db, out) as (url, key):
+        right = serve_and_rate(url, key, traffic, labels, args.quiet)
     store = FeedbackStore(db)
-    served = serve_and_rate(load_reference(run), traffic, labels, store, str(args.run), args.quiet)
     n_feedback = len(store.feedback())
     store.close()
-    clock.phase(2, f"served {len(traffic)} reviews, {served:.1%} right; {n_feedback} feedback rows")
+    clock.phase(2, f"served {len(traffic)} reviews over HTTP, {right:.1%} right; {n_feedback} feedback rows")  # fmt: skip
     before = accuracy(run, held, labels)
     clock.phase(3, f"held-out accuracy before: {before:.1f} %")
     job = RetrainJob(run, db, min_new=1, steps=args.steps, max_drop={"accuracy": args.max_drop},
@@ -142,7 +184,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "run": str(args.run), "data": str(args.data), "traffic_rows": len(traffic),
         "eval_rows": len(held), "feedback_rows": n_feedback, "steps": args.steps,
-        "served_accuracy": served, "heldout_accuracy_before": before,
+        "served_accuracy": right, "heldout_accuracy_before": before,
         "candidate_accuracy": candidate, "heldout_accuracy_after": after,
         "decision": outcome.decision, "reason": outcome.reason,
         "served_after": str(promoted_dir(run)), "gates": outcome.metrics.get("gates", []),
