@@ -172,3 +172,33 @@ def test_unknown_quant_and_architecture_are_refused(tmp_path, tiny_tokenizer):
     with pytest.raises(ExportError, match="MambaForCausalLM cannot be written as GGUF"):
         write_gguf(base, tiny_tokenizer, base, out, "f16")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_probe_scores_reuse_the_kv_cache_exactly(exported, tiny_tokenizer, one_thread, arch):
+    """score_examples reads label answers from the example's own forward and cut-back KV caches;
+    it must give what one full forward per (prompt + answer) gives, on both backends, including
+    an example that does not start with its prompt (fresh prompt forward) and answers of 1-3
+    tokens."""
+    from tuneforge.export.evalset import EvalSet
+    from tuneforge.export.probe import _log_softmax_rows, score_examples
+
+    enc = lambda text: tiny_tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = [enc("The quick brown fox"), enc("这本书很好 and the dog")]
+    answers = [enc(" jumps"), enc(" sleeps over"), enc(" is lazy today")]
+    sequences = [prompts[0] + answers[1], enc("Another text entirely")]
+    masks = [[t >= len(prompts[0]) for t in range(len(sequences[0]))], [True] * len(sequences[1])]
+    evalset = EvalSet(sequences, masks, labels=["a", "b", "c"], prompts=prompts, answers=answers)
+    base, gguf = exported[arch]
+    for backend in (TorchBackend("hf", str(base), "fp32", 1), LlamaCppBackend(str(gguf), 128, 1)):
+        logprobs, scores = score_examples(backend, evalset)
+        for i, prompt in enumerate(prompts):
+            for j, answer in enumerate(answers):
+                ids = prompt + answer
+                logp = _log_softmax_rows(backend.logits(ids)[:-1])
+                want = sum(logp[t - 1, ids[t]] for t in range(len(prompt), len(ids)))
+                assert scores[i][j] == pytest.approx(want, abs=1e-4), (i, j)
+        for ids, mask, got in zip(sequences, masks, logprobs, strict=True):
+            logp = _log_softmax_rows(backend.logits(ids)[:-1])
+            want = [logp[t - 1, ids[t]] if mask[t] else 0.0 for t in range(1, len(ids))]
+            assert got == pytest.approx(want, abs=1e-4)

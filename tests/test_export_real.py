@@ -11,7 +11,7 @@ import torch
 from tuneforge.data.formats import Example
 from tuneforge.export.evalset import build_eval_set
 from tuneforge.export.gguf_write import write_gguf
-from tuneforge.export.probe import LlamaCppBackend, TorchBackend, token_logprobs
+from tuneforge.export.probe import LlamaCppBackend, TorchBackend, score_examples
 from tuneforge.export.quantize import quantize_gguf
 from tuneforge.export.recheck import metrics_from
 from tuneforge.models import load_tokenizer, resolve_model_dir
@@ -84,7 +84,7 @@ def test_q4_k_m_generates_and_its_loss_stays_within_bound(real):
     evalset = build_eval_set(tok, examples, classification=False, max_length=128, source="qa")
 
     def loss(backend):
-        raw = {"logprobs": [token_logprobs(backend, ids) for ids in evalset.sequences]}
+        raw = {"logprobs": score_examples(backend, evalset)[0]}
         return metrics_from(raw, evalset)["loss"]
 
     reference, quantised = loss(real["torch"]), loss(llama)

@@ -4,6 +4,7 @@ as `tuneforge eval` on the reference), --max-regression, atomic writes and --ove
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -102,3 +103,51 @@ def test_existing_out_is_refused_unless_overwrite(run, tmp_path):
     export_run(ExportJob(run, "merged", out=out, recheck=False, overwrite=True))
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_generation_data_recheck_scores_greedy_answers_like_transformers(
+    run, labelled, tmp_path, one_thread, monkeypatch
+):
+    """On chat data without labels, every artefact answers the held-out prompts greedily and is
+    scored with BLEU/chrF/ROUGE. The references here are transformers' own greedy answers of the
+    run, so the reference row must score exactly what score_texts gives identical texts (chrF 100):
+    a prompt, stop id, length or decoding that differs from `generate` breaks it."""
+    import tuneforge.export.evalset as evalset_module
+    from tuneforge.data.templates import render_prompt
+    from tuneforge.evaluation.score import META_KEY, score_texts
+    from tuneforge.export.chatformat import stop_ids
+
+    monkeypatch.setattr(evalset_module, "GEN_MAX_TOKENS", 10)
+    loaded = load_run(run, torch.float32)
+    tok, rows = loaded.tokenizer, []
+    for thing in ["fox", "snow", "rose", "sky", "apple", "book"]:
+        messages = [{"role": "user", "content": f"Color of {thing}?"}]
+        prompt = torch.tensor([render_prompt(tok, messages)])
+        out = loaded.model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=stop_ids(tok),
+            pad_token_id=tok.pad_token_id,
+        )
+        answer = tok.decode(out[0, prompt.shape[1] :], skip_special_tokens=True).strip()
+        if answer:
+            rows.append({"messages": [*messages, {"role": "assistant", "content": answer}]})
+    assert len(rows) >= 3
+    data = tmp_path / "gen.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "gguf"
+    export_run(ExportJob(run, "gguf", ["f16"], out=out, data=str(data), threads=1))
+    ref, f16 = json.loads((out / "export.json").read_text())["artefacts"]
+    answers = [r["messages"][-1]["content"] for r in rows]
+    expected = score_texts(answers, answers, ["bleu", "chrf", "rouge"])
+    expected.pop(META_KEY)
+    assert expected["chrf"] == pytest.approx(100.0)
+    for name, value in expected.items():
+        assert ref["metrics"][name] == pytest.approx(value, abs=1e-9), name
+    assert set(expected) <= set(f16["deltas"])  # llama.cpp's answers scored the same way
+    with pytest.raises(ExportError, match="bleu is not measured"):  # labels, no generations
+        job = ExportJob(run, "gguf", ["f16"], out=tmp_path / "x", data=str(labelled), threads=1)
+        export_run(replace(job, max_regression={"bleu": 1.0}))
+    assert not (tmp_path / "x").exists()

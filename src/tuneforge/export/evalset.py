@@ -15,9 +15,14 @@ from tuneforge.constants import IGNORE_INDEX
 from tuneforge.data.formats import Example
 from tuneforge.data.templates import render, render_prompt
 from tuneforge.errors import DataError
+from tuneforge.export.chatformat import stop_ids
 
 #: A fixed prompt for the generation speed probe and greedy agreement.
 PROBE_PROMPT = "Write three short sentences about the sea."
+#: Generation data: how many held-out prompts each artefact answers greedily for BLEU/chrF/ROUGE,
+#: and the most new tokens per answer (the longest reference answer + 8, capped here).
+GEN_ROWS = 32
+GEN_MAX_TOKENS = 128
 
 
 @dataclass
@@ -30,6 +35,10 @@ class EvalSet:
     refs: list[str] = field(default_factory=list)  # per example, its reference label
     gen_prompt: list[int] = field(default_factory=list)
     tokenizer_probe: list[tuple[str, list[int]]] = field(default_factory=list)
+    gen_prompts: list[list[int]] = field(default_factory=list)  # generation data: prompts
+    gen_refs: list[str] = field(default_factory=list)  # their reference answers
+    gen_stop: list[int] = field(default_factory=list)  # ids that end an answer
+    gen_max_tokens: int = 0
     source: str = ""
 
     def save(self, path: Path) -> None:
@@ -72,6 +81,23 @@ def _label_choices(tokenizer: Any, examples: list[Example], labels: list[str]):
     return prompts, answers or []
 
 
+def _generation_rows(tokenizer: Any, examples: list[Example], max_length: int):
+    """(prompts, reference answers, longest answer in tokens) of up to GEN_ROWS chat examples."""
+    prompts, refs, longest = [], [], 0
+    for ex in examples:
+        if len(prompts) == GEN_ROWS:
+            break
+        last = ex.messages[-1] if ex.messages else None
+        if last is None or last["role"] != "assistant":
+            continue
+        prompt, answer = _prompt_and_answer(tokenizer, ex)
+        if prompt and len(prompt) <= max_length:
+            prompts.append(prompt)
+            refs.append(last["content"])
+            longest = max(longest, len(answer))
+    return prompts, refs, longest
+
+
 def is_classification(examples: list[Example], asked: bool) -> bool:
     """Label metrics apply to classification rows, or when the run asked for accuracy."""
     return any(ex.label is not None for ex in examples) or asked
@@ -102,6 +128,10 @@ def build_eval_set(
             raise DataError(f"{source}: accuracy needs at least two distinct labels")
         out.refs = refs
         out.prompts, out.answers = _label_choices(tokenizer, examples, out.labels)
+    else:
+        out.gen_prompts, out.gen_refs, longest = _generation_rows(tokenizer, examples, max_length)
+        out.gen_stop = stop_ids(tokenizer)
+        out.gen_max_tokens = min(longest + 8, GEN_MAX_TOKENS)
     chat = getattr(tokenizer, "chat_template", None)
     probe = [{"role": "user", "content": PROBE_PROMPT}]
     out.gen_prompt = (

@@ -1,4 +1,5 @@
-"""Score one artefact in a fresh process: load time, peak RSS, token log-probs, greedy tokens/s.
+"""Score one artefact in a fresh process: load time, peak RSS, token log-probs, greedy tokens/s,
+and greedy answers to the held-out prompts of generation data.
 
 Run as `python -m tuneforge.export.probe KIND PATH EVALSET OUT` (one process per artefact, so
 that peak RSS is the artefact's own). GGUF files run through llama.cpp itself; metrics are
@@ -50,13 +51,24 @@ class LlamaCppBackend:
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
-    def greedy(self, ids: list[int], n: int) -> list[int]:
+    def continue_from(self, prefix_len: int, ids: list[int]) -> np.ndarray:
+        """Logits of `ids` read after the first `prefix_len` tokens of the last `logits` call
+        (llama.cpp drops the KV cache past n_tokens before it evaluates)."""
+        self.llm.n_tokens = prefix_len
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[prefix_len : prefix_len + len(ids)], dtype=np.float32)
+
+    def greedy(self, ids: list[int], n: int, stop: frozenset[int] = frozenset()) -> list[int]:
+        """Up to n tokens, ending before the first id in `stop`."""
         self.llm.reset()
         self.llm.eval(ids)
         out: list[int] = []
         for _ in range(n):
-            out.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
-            self.llm.eval([out[-1]])
+            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            if token in stop:
+                break
+            out.append(token)
+            self.llm.eval([token])
         return out
 
     def tokenize(self, text: str) -> list[int]:
@@ -88,41 +100,84 @@ class TorchBackend:
 
     def logits(self, ids: list[int]) -> np.ndarray:
         with self.torch.no_grad():
-            out = self.model(input_ids=self.torch.tensor([ids]))
+            out = self.model(input_ids=self.torch.tensor([ids]), use_cache=True)
+        self._cache, self._cached = out.cache, len(ids)
         return out.logits[0].float().numpy()
 
-    def greedy(self, ids: list[int], n: int) -> list[int]:
-        """n tokens, no early stop, one forward per token over the KV cache (as llama.cpp)."""
+    def continue_from(self, prefix_len: int, ids: list[int]) -> np.ndarray:
+        """Logits of `ids` read after the first `prefix_len` tokens of the last `logits` call:
+        the KV cache is cut back to the prefix (a negative crop: tokens removed) and extended."""
+        if self._cached > prefix_len:
+            self._cache.crop(prefix_len - self._cached)
+        with self.torch.no_grad():
+            out = self.model(
+                input_ids=self.torch.tensor([ids]), cache=self._cache, use_cache=True
+            )
+        self._cache, self._cached = out.cache, prefix_len + len(ids)
+        return out.logits[0].float().numpy()
+
+    def greedy(self, ids: list[int], n: int, stop: frozenset[int] = frozenset()) -> list[int]:
+        """Up to n tokens (ending before the first id in `stop`), one forward per token over the
+        KV cache, as llama.cpp decodes."""
         torch = self.torch
         out: list[int] = []
         with torch.no_grad():
             step = self.model(input_ids=torch.tensor([ids]), use_cache=True)
             for _ in range(n):
-                out.append(int(step.logits[0, -1].argmax()))
+                token = int(step.logits[0, -1].argmax())
+                if token in stop:
+                    break
+                out.append(token)
                 step = self.model(
-                    input_ids=torch.tensor([[out[-1]]]),
-                    past_key_values=step.past_key_values,
+                    input_ids=torch.tensor([[token]]),
+                    cache=step.cache,
                     use_cache=True,
                 )
         return out
 
 
-def token_logprobs(backend: Any, ids: list[int]) -> list[float]:
-    """log p(ids[t] | ids[:t]) for t = 1 .. len(ids) - 1."""
-    logp = _log_softmax_rows(backend.logits(ids)[:-1])
-    return logp[np.arange(len(ids) - 1), ids[1:]].tolist()
+def _picked(logits: np.ndarray, targets: list[int]) -> np.ndarray:
+    """log p(targets[i]) under logits row i."""
+    return _log_softmax_rows(logits)[np.arange(len(targets)), targets]
 
 
-def answer_scores(backend: Any, evalset: EvalSet) -> list[list[float]]:
-    """Per example, per label: summed log-probability of the label's answer after the prompt."""
-    scores = []
-    for prompt in evalset.prompts:
-        row = []
-        for answer in evalset.answers:
-            logp = token_logprobs(backend, prompt + answer)
-            row.append(float(sum(logp[len(prompt) - 1 :])))
-        scores.append(row)
-    return scores
+def token_logprobs(logits: np.ndarray, ids: list[int], scored: list[bool]) -> list[float]:
+    """log p(ids[t] | ids[:t]) for t = 1 .. len(ids) - 1 where `scored[t]`, else 0.0 (the loss
+    reads scored positions only, so the softmax runs on those rows alone)."""
+    out = np.zeros(len(ids) - 1)
+    rows = [t - 1 for t in range(1, len(ids)) if scored[t]]
+    if rows:
+        out[rows] = _picked(logits[rows], [ids[t + 1] for t in rows])
+    return out.tolist()
+
+
+def answer_scores(backend: Any, logits: np.ndarray, ids: list[int], prompt: list[int], answers):
+    """Per label: summed log-probability of its answer after `prompt`. The first answer token is
+    read from the prompt's last row, the rest continue the prompt's KV cache — reused from the
+    example's own forward (`logits` of `ids`) when it starts with the prompt."""
+    n = len(prompt)
+    if ids[:n] != prompt:
+        logits = backend.logits(prompt)
+    first = _log_softmax_rows(logits[n - 1 : n])[0]
+    row = []
+    for answer in answers:
+        score = float(first[answer[0]])
+        if len(answer) > 1:
+            score += float(_picked(backend.continue_from(n, answer[:-1]), answer[1:]).sum())
+        row.append(score)
+    return row
+
+
+def score_examples(backend: Any, evalset: EvalSet) -> tuple[list[list[float]], list[list[float]]]:
+    """(token log-probs of each example, answer scores of each example per label), one forward
+    of each example plus short continuations for the labels."""
+    logprobs, scores = [], []
+    for i, ids in enumerate(evalset.sequences):
+        logits = backend.logits(ids)
+        logprobs.append(token_logprobs(logits, ids, evalset.loss_masks[i]))
+        if evalset.labels:
+            scores.append(answer_scores(backend, logits, ids, evalset.prompts[i], evalset.answers))
+    return logprobs, scores
 
 
 def import_runtime(kind: str) -> None:
@@ -156,8 +211,11 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     backend = load_backend(args.kind, args.path, args)
     out: dict[str, Any] = {"load_s": time.perf_counter() - start}
-    out["logprobs"] = [token_logprobs(backend, ids) for ids in evalset.sequences]
-    out["answer_scores"] = answer_scores(backend, evalset) if evalset.labels else []
+    out["logprobs"], out["answer_scores"] = score_examples(backend, evalset)
+    stop = frozenset(evalset.gen_stop)
+    out["generations"] = [
+        backend.greedy(prompt, evalset.gen_max_tokens, stop) for prompt in evalset.gen_prompts
+    ]
     start = time.perf_counter()
     out["greedy"] = backend.greedy(evalset.gen_prompt, args.new_tokens)
     out["gen_s"] = time.perf_counter() - start

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,20 @@ from tqdm.auto import tqdm
 
 from tuneforge.errors import ExportError
 from tuneforge.evaluation.metrics import classification_report, perplexity
+from tuneforge.evaluation.score import META_KEY, score_texts
 from tuneforge.export.evalset import EvalSet
 from tuneforge.reporting.tables import fmt_number, text_table
 
 #: Metrics --max-regression may bound; True where higher is better.
-HIGHER_IS_BETTER = {"loss": False, "perplexity": False, "accuracy": True, "macro_f1": True}
+HIGHER_IS_BETTER = {
+    "loss": False,
+    "perplexity": False,
+    "accuracy": True,
+    "macro_f1": True,
+    **dict.fromkeys(("bleu", "chrf", "rouge1", "rouge2", "rougeL"), True),
+}
+LABEL_ONLY = ("accuracy", "macro_f1")
+TEXT_ONLY = ("bleu", "chrf", "rouge1", "rouge2", "rougeL")
 
 
 @dataclass
@@ -55,6 +65,20 @@ def parse_max_regression(items: list[str]) -> dict[str, float]:
     return out
 
 
+def check_measurable(limits: dict[str, float], evalset: EvalSet, *, text: bool = True) -> None:
+    """ExportError naming each bounded metric the re-check cannot measure on this data (accuracy
+    without labels, BLEU without generation prompts or a tokenizer to decode the answers)."""
+    missing = [
+        m
+        for m in limits
+        if m not in HIGHER_IS_BETTER
+        or (m in LABEL_ONLY and not evalset.labels)
+        or (m in TEXT_ONLY and not (evalset.gen_prompts and text))
+    ]
+    if missing:
+        raise ExportError(f"--max-regression: {', '.join(missing)} is not measured on this data")
+
+
 def run_probe(
     artefact: Artefact, evalset_path: Path, *, dtype: str, threads: int, new_tokens: int
 ) -> dict[str, Any]:
@@ -74,8 +98,11 @@ def run_probe(
         return json.loads(out.read_text(encoding="utf-8"))
 
 
-def metrics_from(raw: dict[str, Any], evalset: EvalSet) -> dict[str, float]:
-    """Loss and perplexity from token log-probs; accuracy and macro-F1 from answer scores."""
+def metrics_from(
+    raw: dict[str, Any], evalset: EvalSet, decode: Callable[[list[int]], str] | None = None
+) -> dict[str, float]:
+    """Loss and perplexity from token log-probs; accuracy and macro-F1 from answer scores;
+    BLEU, chrF and ROUGE from the greedy answers (decoded by the run's tokenizer)."""
     total, count = 0.0, 0
     for logp, mask in zip(raw["logprobs"], evalset.loss_masks, strict=True):
         scored = [lp for lp, on in zip(logp, mask[1:], strict=True) if on]
@@ -88,6 +115,10 @@ def metrics_from(raw: dict[str, Any], evalset: EvalSet) -> dict[str, float]:
             evalset.labels[max(range(len(r)), key=r.__getitem__)] for r in raw["answer_scores"]
         ]
         out.update(classification_report(preds, evalset.refs, evalset.labels))
+    if evalset.gen_prompts and decode is not None:
+        texts = [decode(ids).strip() for ids in raw["generations"]]
+        scores = score_texts(texts, evalset.gen_refs, ["bleu", "chrf", "rouge"])
+        out.update({k: v for k, v in scores.items() if k != META_KEY})
     return out
 
 
@@ -101,7 +132,9 @@ def _agreement(greedy: list[int], reference: list[int]) -> int:
     return n
 
 
-def _entry(artefact: Artefact, raw: dict[str, Any], evalset: EvalSet) -> dict[str, Any]:
+def _entry(
+    artefact: Artefact, raw: dict[str, Any], evalset: EvalSet, decode: Callable | None
+) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "name": artefact.name,
         "kind": artefact.kind,
@@ -115,7 +148,7 @@ def _entry(artefact: Artefact, raw: dict[str, Any], evalset: EvalSet) -> dict[st
         peak_rss_mb=raw["peak_rss_mb"],
         gen_tokens_per_s=len(raw["greedy"]) / raw["gen_s"] if raw["gen_s"] > 0 else None,
         greedy=raw["greedy"],
-        metrics=metrics_from(raw, evalset),
+        metrics=metrics_from(raw, evalset, decode),
         status="ok",
         failures=[],
     )
@@ -148,24 +181,23 @@ def recheck(
     threads: int | None = None,
     new_tokens: int = 32,
     max_regression: dict[str, float] | None = None,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> dict[str, Any]:
-    """The export.json report: the reference first, then each artefact with deltas and status."""
+    """The export.json report: the reference first, then each artefact with deltas and status.
+
+    `decode` (the run's tokenizer) turns greedy answers into text for BLEU/chrF/ROUGE on
+    generation data; without it those metrics are not measured.
+    """
     limits = max_regression or {}
     threads = threads or max(1, len(os.sched_getaffinity(0)))
-    missing = [
-        m
-        for m in limits
-        if m not in HIGHER_IS_BETTER or (m in ("accuracy", "macro_f1") and not evalset.labels)
-    ]
-    if missing:
-        raise ExportError(f"--max-regression: {', '.join(missing)} is not measured on this data")
+    check_measurable(limits, evalset, text=decode is not None)
     entries = []
     with tempfile.TemporaryDirectory(prefix="tuneforge-evalset-") as tmp:
         path = Path(tmp) / "evalset.json"
         evalset.save(path)
         for art in tqdm([reference, *artefacts], desc="re-check", unit="artefact"):
             raw = run_probe(art, path, dtype=dtype, threads=threads, new_tokens=new_tokens)
-            entries.append(_entry(art, raw, evalset))
+            entries.append(_entry(art, raw, evalset, decode))
     ref = entries[0]
     if ref["status"] != "ok":
         raise ExportError(f"the reference model could not be evaluated: {ref['failures'][0]}")

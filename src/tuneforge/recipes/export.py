@@ -16,6 +16,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from tuneforge.export.merge import check_adapter_files, merge_adapter, save_hf_d
 from tuneforge.export.modelfile import render_modelfile
 from tuneforge.export.nf4 import bitsandbytes_ready, write_nf4
 from tuneforge.export.quantize import DEFAULT_QUANT, llama_cpp_module, quantize_gguf
-from tuneforge.export.recheck import Artefact, recheck, report_table
+from tuneforge.export.recheck import Artefact, check_measurable, recheck, report_table
 from tuneforge.loading import run_method
 from tuneforge.models import load_model, load_tokenizer, resolve_dtype, resolve_model_dir
 from tuneforge.paths import write_json_atomic, write_text_atomic
@@ -290,6 +291,8 @@ def export_run(job: ExportJob) -> ExportOutcome:
     run = _read_run(Path(job.run_dir))
     _check_job(job, run)
     evalset = _eval_set(job, run) if job.recheck else None
+    if evalset is not None:
+        check_measurable(job.max_regression, evalset)  # before anything is written
     out = _out_dir(job)
     with staged(out) as tmp:
         artefacts = _write_artefacts(job, run, tmp)
@@ -302,6 +305,7 @@ def export_run(job: ExportJob) -> ExportOutcome:
                 dtype=run.cfg.model.dtype,
                 threads=job.threads,
                 max_regression=job.max_regression,
+                decode=partial(run.tokenizer.decode, skip_special_tokens=True),
             )
             for entry in report["artefacts"][1:]:
                 entry["path"] = os.path.relpath(entry["path"], tmp)
