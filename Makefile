@@ -45,7 +45,8 @@ quickstart: install
 test: install services
 	# The one-way layering (docs/design.md): a back-edge or a foreign _private import fails here.
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q -p no:cacheprovider
+	# The 30 slowest tests close every log, so each CI run shows where the time goes.
+	$(BIN)/pytest -q -p no:cacheprovider --durations=30
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow and not dist"

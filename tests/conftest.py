@@ -12,7 +12,8 @@ import torch
 
 import tuneforge.methods  # noqa: F401  (registers every method with the config, as the CLI does)
 
-pytest_plugins = ["pgcluster"]  # the throwaway PostgreSQL cluster (pg_cluster, db_url fixtures)
+# pgcluster: the throwaway PostgreSQL cluster (pg_cluster, db_url); feedback_helpers: parent_run
+pytest_plugins = ["pgcluster", "feedback_helpers"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,4 +1,5 @@
-"""Shared pieces of the feedback tests: response records, and a small app (router + store).
+"""Shared pieces of the feedback tests: response records, a small app (router + store), and the
+parent run the retrain tests start from (fixtures; conftest.py loads this module as a plugin).
 
 The app is what `tuneforge serve --db` mounts, without the model: the durability test runs it
 as a subprocess (`python tests/feedback_helpers.py URL PORT`) and SIGKILLs it.
@@ -6,9 +7,13 @@ as a subprocess (`python tests/feedback_helpers.py URL PORT`) and SIGKILLs it.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 import uuid
+from pathlib import Path
+
+import pytest
 
 from tuneforge.serve.records import ResponseRecord
 
@@ -57,6 +62,38 @@ def feedback_app(store, keys=None, **router_options):
     app.add_exception_handler(APIError, lambda request, err: api_error_response(err))
     app.include_router(feedback_router(store, keys, **router_options))
     return app
+
+
+@pytest.fixture(scope="session")
+def parent_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A finished 30-step LoRA run of the tiny model on 64 toy rows, trained once per session on
+    one thread; the retrain tests only read it (they take `parent_copy`)."""
+    import torch
+
+    from tuneforge.config import load_config
+    from tuneforge.recipes.train import run_training
+
+    from helpers import write_run_config, write_toy_messages
+
+    root = tmp_path_factory.mktemp("feedback-run")
+    data = write_toy_messages(root / "train.jsonl", n=64)
+    cfg = write_run_config(root / "run.yaml", tiny_model_dir, data, root / "run",
+                           train={"max_steps": 30})  # fmt: skip
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:  # as the `one_thread` fixture does
+        patch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        try:
+            run_training(load_config(cfg), show_progress=False)
+        finally:
+            torch.set_num_threads(threads)
+    return root / "run"
+
+
+@pytest.fixture
+def parent_copy(parent_run, tmp_path) -> Path:
+    """A private copy of `parent_run` that a test may retrain, promote or break."""
+    return Path(shutil.copytree(parent_run, tmp_path / "run"))
 
 
 def main(url: str, port: int) -> None:

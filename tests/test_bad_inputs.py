@@ -3,8 +3,8 @@
 Each row must end in its exit code (2 unless stated), one `error: ...` line naming what is wrong
 (indented `file:line: reason` details may follow), no traceback, and nothing new or changed in
 the output location or the shared fixtures. Rows run in children forked from a warm interpreter
-(bad_inputs/_worker.py); the first row of every group also runs as a genuine
-`python -m tuneforge.cli` subprocess and must give the same result.
+(bad_inputs/_worker.py); a few rows also run as a genuine `python -m tuneforge.cli` subprocess
+and must give the same result, and a stand-in program shows every way of ending ends alike.
 """
 
 from __future__ import annotations
@@ -112,18 +112,21 @@ def test_bad_input(group, row, runner, shared, tmp_path):
     assert not problems, f"{row['id']}: {'; '.join(problems)}\nstderr:\n{err[-3000:]}"
 
 
-def _first_rows() -> list[tuple[str, dict]]:
-    seen, picked = set(), []
-    for group, row in ROWS:
-        if group not in seen:
-            seen.add(group)
-            picked.append((group, row))
-    return picked
+#: Rows that also run as a genuine `python -m tuneforge.cli` subprocess (2-4 s each): an argparse
+#: error, a ModelError after torch / transformers / peft loaded a run, a DataError from the data
+#: pipeline, a FeedbackError from the SQL store. The exit paths themselves: test_fork_ends_like_...
+CROSS_CHECKED = (
+    "cli-unknown-command",
+    "generate-run-adapter-base-mismatch",
+    "data-check-csv-missing-column",
+    "feedback-db-not-a-database",
+)
 
 
-@pytest.mark.parametrize("group,row", _first_rows(), ids=[g for g, _ in _first_rows()])
-def test_forked_runs_match_a_real_subprocess(group, row, runner, shared, tmp_path):
+@pytest.mark.parametrize("row_id", CROSS_CHECKED)
+def test_forked_runs_match_a_real_subprocess(row_id, runner, shared, tmp_path):
     """The fork shortcut is honest: a genuine `python -m tuneforge.cli` gives the same result."""
+    [row] = [row for _, row in ROWS if row["id"] == row_id]
     results = []
     for name, run in (("fork", runner.run), ("subprocess", run_subprocess)):
         code, err, places, _ = run_row(row, run, tmp_path / name, shared)
@@ -131,6 +134,45 @@ def test_forked_runs_match_a_real_subprocess(group, row, runner, shared, tmp_pat
         assert not problems, f"{name}: {problems}\n{err[-3000:]}"
         results.append((code, block))
     assert results[0] == results[1]
+
+
+EXITS = Path(__file__).resolve().parent / "bad_inputs"  # _exits.py: ends as its argv[1] says
+
+
+@pytest.mark.parametrize(
+    "argv,code",
+    [(["code"], 3), (["message"], 1), (["none"], 0), (["raise"], 1), (["interrupt"], -2),
+     (["argparse", "--bogus"], 2), (["cwd"], 0)],
+    ids=lambda v: v[0] if isinstance(v, list) else str(v),
+)  # fmt: skip
+def test_fork_ends_like_the_interpreter(argv, code, runner, tmp_path):
+    """Exit status, stdout and stderr of a forked child equal a real `python -m` for every way a
+    program ends; a traceback's frames differ (runpy vs the worker), its header and last line not."""
+    seen = []
+    for name, run in (("fork", runner.run), ("subprocess", run_subprocess)):
+        work = tmp_path / name
+        work.mkdir()
+        got, out, err = run(argv, work, 60, module="_exits", path=[str(EXITS)])
+        seen.append((got, out.replace(str(work), "{tmp}"), _frames_cut(err)))
+    assert seen[0] == seen[1]
+    got, out, err = seen[0]
+    assert got == code and out.startswith(f"stdout of {argv[0]}\n")
+    assert err[0] == f"stderr of {argv[0]}"
+    last = {"message": "stopped: a message, not a code", "raise": "ValueError: boom",
+            "interrupt": "KeyboardInterrupt", "argparse": "probe: error: unrecognized arguments: --bogus"}  # fmt: skip
+    assert err[-1] == last.get(argv[0], err[0])
+    assert ("Traceback (most recent call last):" in err) == (argv[0] in ("raise", "interrupt"))
+    if argv[0] == "cwd":
+        assert out.splitlines()[1] == "{tmp} True"
+
+
+def _frames_cut(stderr: str) -> list[str]:
+    """stderr's lines with a traceback's frame lines dropped (its header and last line kept)."""
+    lines = stderr.splitlines()
+    if "Traceback (most recent call last):" not in lines:
+        return lines
+    start = lines.index("Traceback (most recent call last):")
+    return [*lines[: start + 1], lines[-1]]
 
 
 def test_every_command_has_rows():

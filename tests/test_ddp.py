@@ -9,12 +9,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tuneforge.cli import main
+
 from helpers import write_run_config, write_toy_messages
 
 pytestmark = pytest.mark.dist
 
 
 def _train(cfg, nproc):
+    """`tuneforge train` on `nproc` processes under torchrun; one process runs in this one (the
+    same command, minus an interpreter start; the `one_thread` fixture keeps it on one thread)."""
+    if nproc == 1:
+        assert main(["train", str(cfg), "--quiet"]) == 0
+        return
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [
         sys.executable,
@@ -29,14 +36,11 @@ def _train(cfg, nproc):
         str(cfg),
         "--quiet",
     ]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "tuneforge.cli", "train", str(cfg), "--quiet"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
 
 
-def test_ddp_two_processes_match_one(tmp_path, tiny_model_dir):
+def test_ddp_two_processes_match_one(tmp_path, tiny_model_dir, one_thread):
     data = write_toy_messages(tmp_path / "train.jsonl", n=40)
     common = dict(train={"max_steps": 4, "lr": 1e-2, "grad_accum": 2})
     one = write_run_config(

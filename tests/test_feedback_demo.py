@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tuneforge.config import load_config
 from tuneforge.data.formats import load_examples
 from tuneforge.evaluation.runner import evaluate_examples
 from tuneforge.feedback.store import FeedbackStore
 from tuneforge.loading import load_reference
-from tuneforge.recipes.train import run_training
 
-from helpers import write_run_config, write_toy_messages
+from helpers import write_toy_messages
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "feedback_demo.py"
 
@@ -29,21 +27,18 @@ def _demo():
     return module
 
 
-def test_demo_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir, one_thread, capsys):
-    data = write_toy_messages(tmp_path / "train.jsonl", n=64)
+def test_demo_end_to_end_on_the_tiny_model(parent_copy, tmp_path, one_thread, capsys):
+    run = parent_copy  # the shared 30-step tiny run (feedback_helpers.parent_run), a copy
     test = write_toy_messages(tmp_path / "test.jsonl", n=30, seed=7)
-    cfg = write_run_config(tmp_path / "run.yaml", tiny_model_dir, data, tmp_path / "run",
-                           train={"max_steps": 20})  # fmt: skip
-    run_training(load_config(cfg), show_progress=False)
-    before_files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    before_files = sorted(p.name for p in run.iterdir())
     demo = _demo()
     out = tmp_path / "demo"
-    argv = ["--run", str(tmp_path / "run"), "--data", str(test), "--serve", "16", "--eval", "10",
+    argv = ["--run", str(run), "--data", str(test), "--serve", "16", "--eval", "10",
             "--steps", "3", "--out", str(out), "--quiet"]  # fmt: skip
     result = demo.run_demo(demo.parse_args(argv))
     printed = capsys.readouterr().out.splitlines()
     assert [line[:5] for line in printed] == [f"[{n}/5 " for n in range(1, 6)]
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before_files  # untouched
+    assert sorted(p.name for p in run.iterdir()) == before_files  # untouched
     assert json.loads((out / "demo.json").read_text()) == result
     store = FeedbackStore(f"sqlite:///{out / 'feedback.db'}")
     feedback = store.feedback()
@@ -66,7 +61,7 @@ def test_demo_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir, one_thread,
         loaded = load_reference(run)
         return evaluate_examples(loaded.model, loaded.tokenizer, held, ["accuracy"], labels=labels)["accuracy"]  # fmt: skip
 
-    assert result["heldout_accuracy_before"] == pytest.approx(acc(tmp_path / "run"))
+    assert result["heldout_accuracy_before"] == pytest.approx(acc(run))
     candidate = out / "run" / "retrain" / f"attempt-{attempt['id']:04d}" / "candidate"
     assert result["candidate_accuracy"] == pytest.approx(acc(candidate))
     promoted = result["decision"] == "promoted"

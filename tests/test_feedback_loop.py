@@ -7,34 +7,22 @@ After merging serve, rename it to tests/test_feedback_loop.py (checked against s
 
 from __future__ import annotations
 
-import pytest
 from fastapi.testclient import TestClient
 
-from tuneforge.config import load_config
 from tuneforge.feedback.routes import feedback_router
 from tuneforge.feedback.store import FeedbackStore
 from tuneforge.loading import load_run
 from tuneforge.models import resolve_dtype
 from tuneforge.recipes.retrain import RetrainJob, promoted_dir, run_retrain
-from tuneforge.recipes.train import run_training
 from tuneforge.serve.app import create_app
 from tuneforge.serve.auth import ApiKeys
 from tuneforge.serve.engines.hf import TransformersEngine
 
-from helpers import COLORS, THINGS, write_run_config, write_toy_messages
+from helpers import COLORS, THINGS
 
 KEY = "loop-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 ANSWER = {t: COLORS[i % len(COLORS)] for i, t in enumerate(THINGS)}
-
-
-@pytest.fixture
-def run_dir(tmp_path, tiny_model_dir, one_thread):
-    data = write_toy_messages(tmp_path / "train.jsonl", n=64)
-    cfg = write_run_config(tmp_path / "run.yaml", tiny_model_dir, data, tmp_path / "run",
-                           train={"max_steps": 30})  # fmt: skip
-    run_training(load_config(cfg), show_progress=False)
-    return tmp_path / "run"
 
 
 def _chat(client, thing: str):
@@ -44,10 +32,12 @@ def _chat(client, thing: str):
     return r.json()
 
 
-def test_serve_feedback_retrain_promote_reload(run_dir, db_url):
-    store = FeedbackStore(db_url, spool=run_dir / "serve" / "spool.jsonl")
+def test_serve_feedback_retrain_promote_reload(parent_copy, db_url, one_thread):
+    store = FeedbackStore(db_url, spool=parent_copy / "serve" / "spool.jsonl")
     keys = ApiKeys([KEY])
-    engine = TransformersEngine(load_run(run_dir, resolve_dtype("auto", "cpu")), "tiny", run_dir)
+    engine = TransformersEngine(
+        load_run(parent_copy, resolve_dtype("auto", "cpu")), "tiny", parent_copy
+    )
     app = create_app(engine, keys=keys, sink=store, routers=[feedback_router(store, keys)])
     client = TestClient(app)
     for i in range(16):
@@ -60,11 +50,11 @@ def test_serve_feedback_retrain_promote_reload(run_dir, db_url):
     assert client.get("/dashboard", headers=AUTH).status_code == 200
     assert len(store.responses()) == 16 and len(store.feedback()) == 16
     job = RetrainJob(
-        run_dir, db_url, min_new=10, steps=12, max_regression=0.05, show_progress=False
+        parent_copy, db_url, min_new=10, steps=12, max_regression=0.05, show_progress=False
     )
     out = run_retrain(job)
     assert out.decision == "promoted", out.reason
-    assert app.state.reload(str(promoted_dir(run_dir))) == "candidate"
+    assert app.state.reload(str(promoted_dir(parent_copy))) == "candidate"
     after = _chat(client, "sky")
     assert store.get_response(after["id"]) is not None  # the new adapter's answer is recorded too
     assert len(store.responses()) == 17

@@ -18,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tuneforge.cli import main
+
 from helpers import write_run_config, write_toy_messages
 
 pytestmark = pytest.mark.dist
@@ -59,14 +61,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _train_here(cfg: Path) -> None:
+    """The one-process reference, trained in this process on one thread (the `one_thread`
+    fixture): the same `tuneforge train` as the subprocess, minus an interpreter start."""
+    assert main(["train", str(cfg), "--quiet"]) == 0
+
+
 @pytest.fixture(scope="module")
-def lora_runs(tmp_path_factory, tiny_model_dir):
+def lora_runs(tmp_path_factory, tiny_model_dir, one_thread):
     """One process with batch 4, and FSDP2 on two processes with batch 2 each (same global batch)."""
     tmp = tmp_path_factory.mktemp("fsdp-lora")
     data = write_toy_messages(tmp / "train.jsonl", n=40)
     one = _config(tmp, "one", tiny_model_dir, data, batch_size=4)
     two = _config(tmp, "two", tiny_model_dir, data, batch_size=2, strategy="fsdp2")
-    _ok(_run(_cli("train", str(one), "--quiet")))
+    _train_here(one)
     _ok(_run(_cli("train", str(two), "--quiet", "--nproc", "2")))
     return tmp, data, two
 
@@ -152,7 +160,7 @@ def test_kill_one_rank_then_resume_is_exact(lora_runs, tiny_model_dir):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fsdp2_full_finetune_matches_one(tmp_path, tiny_model_dir):
+def test_fsdp2_full_finetune_matches_one(tmp_path, tiny_model_dir, one_thread):
     data = write_toy_messages(tmp_path / "train.jsonl", n=24)
     full = {"name": "full"}
     common = {"max_steps": 2, "lr": 1e-3, "grad_accum": 1, "scheduler": "constant"}
@@ -172,7 +180,7 @@ def test_fsdp2_full_finetune_matches_one(tmp_path, tiny_model_dir):
             eval={"every_steps": None},
             checkpoint={"every_steps": None, "at_epoch_end": False},
         )
-    _ok(_run(_cli("train", str(cfgs["one"]), "--quiet")))
+    _train_here(cfgs["one"])
     _ok(_run(_cli("train", str(cfgs["two"]), "--quiet", "--nproc", "2")))
     a, b = _weights(tmp_path / "one", "model"), _weights(tmp_path / "two", "model")
     base = load_file(tiny_model_dir / "model.safetensors")
@@ -182,17 +190,19 @@ def test_fsdp2_full_finetune_matches_one(tmp_path, tiny_model_dir):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
-def test_port_in_use_is_one_clear_error(tmp_path, tiny_model_dir):
+def test_port_in_use_is_one_clear_error(tmp_path, tiny_model_dir, capsys):
+    """Checked by the launching process before any rank starts: in this process is enough."""
     data = write_toy_messages(tmp_path / "train.jsonl", n=8)
     cfg = _config(tmp_path, "run", tiny_model_dir, data, strategy="fsdp2")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        out = _run(_cli("train", str(cfg), "--nproc", "2", "--port", str(port)), timeout=120)
-    assert out.returncode == 2
-    assert f"error: --port {port}: the port is in use on 127.0.0.1" in out.stderr
-    assert "Traceback" not in out.stderr
+        code = main(["train", str(cfg), "--nproc", "2", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: --port {port}: the port is in use on 127.0.0.1" in err
+    assert "Traceback" not in err
     assert not (tmp_path / "run").exists()
 
 

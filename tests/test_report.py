@@ -119,6 +119,33 @@ def test_report_of_a_non_run_fails_clearly(tmp_path, capsys):
     assert "no metrics.jsonl" in capsys.readouterr().err
 
 
+def test_a_plot_is_written_whole_or_not_at_all(run, tmp_path, monkeypatch):
+    """A full disk while lr.png is written: loss.png (written before) is a whole PNG, and no
+    half-written lr.png or temporary file is left under any name."""
+    import errno
+    import os
+
+    import tuneforge.paths as paths
+    from tuneforge.errors import OutputError
+    from tuneforge.reporting.plots import make_plots
+
+    real, sizes = paths._write_fd, []
+
+    def disk_full_on_the_second_file(fd: int, data: bytes) -> None:
+        sizes.append(len(data))
+        if len(sizes) == 2:
+            os.write(fd, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(paths, "_write_fd", disk_full_on_the_second_file)
+    with pytest.raises(OutputError, match=r"lr\.png: cannot write"):
+        make_plots(_records(run), tmp_path / "plots")
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["loss.png"]
+    whole = (tmp_path / "plots" / "loss.png").read_bytes()
+    assert len(whole) == sizes[0] and whole.endswith(b"IEND\xaeB`\x82")
+
+
 def test_tensorboard_has_the_logged_scalars(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

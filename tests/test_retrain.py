@@ -10,37 +10,15 @@ import json
 import subprocess
 import sys
 
-import pytest
-
-from tuneforge.config import load_config
 from tuneforge.feedback.store import FeedbackStore
 from tuneforge.feedback.validate import FeedbackItem
 from tuneforge.recipes.retrain import RetrainJob, decide, promoted_dir, run_retrain
-from tuneforge.recipes.train import run_training
 from tuneforge.train.rundir import file_sha256
 
 from feedback_helpers import make_record
-from helpers import COLORS, THINGS, write_run_config, write_toy_messages
+from helpers import COLORS, THINGS
 
 ANSWER = {t: COLORS[i % len(COLORS)] for i, t in enumerate(THINGS)}
-
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory, tiny_model_dir, one_thread):
-    root = tmp_path_factory.mktemp("retrain")
-    data = write_toy_messages(root / "train.jsonl", n=64)
-    cfg = write_run_config(root / "run.yaml", tiny_model_dir, data, root / "run",
-                           train={"max_steps": 30})  # fmt: skip
-    run_training(load_config(cfg), show_progress=False)
-    return root / "run"
-
-
-@pytest.fixture
-def run_copy(base_run, tmp_path):
-    import shutil
-
-    shutil.copytree(base_run, tmp_path / "run")
-    return tmp_path / "run"
 
 
 def _feed(store: FeedbackStore, n: int, start: int = 0) -> list[int]:
@@ -55,16 +33,16 @@ def _feed(store: FeedbackStore, n: int, start: int = 0) -> list[int]:
     return ids
 
 
-def test_sft_retrain_promotes_and_records_lineage(run_copy, db_url, one_thread):
+def test_sft_retrain_promotes_and_records_lineage(parent_copy, db_url, one_thread):
     store = FeedbackStore(db_url)
     ids = _feed(store, 24)
     job = RetrainJob(
-        run_copy, db_url, min_new=10, steps=12, max_regression=0.05, show_progress=False
+        parent_copy, db_url, min_new=10, steps=12, max_regression=0.05, show_progress=False
     )
     out = run_retrain(job)
     assert out.decision == "promoted", out.reason
     [row] = store.retrain_runs()
-    assert row["decision"] == "promoted" and row["parent_path"] == str(run_copy.resolve())
+    assert row["decision"] == "promoted" and row["parent_path"] == str(parent_copy.resolve())
     assert row["parent_id"] is None and row["objective"] == "sft"
     assert set(row["feedback_ids"]) < set(ids) and row["feedback_ids"]  # some held out
     data = out.attempt_dir / "data"
@@ -74,9 +52,9 @@ def test_sft_retrain_promotes_and_records_lineage(run_copy, db_url, one_thread):
     assert ok
     m = row["metrics"]
     assert m["candidate"]["feedback"]["loss"] < m["parent"]["feedback"]["loss"]
-    assert promoted_dir(run_copy) == (out.attempt_dir / "candidate").resolve()
+    assert promoted_dir(parent_copy) == (out.attempt_dir / "candidate").resolve()
     assert (
-        run_copy / "promoted"
+        parent_copy / "promoted"
     ).read_text().strip() == f"retrain/attempt-{row['id']:04d}/candidate"
     [export] = [e for e in store.exports() if e["id"] == row["dataset_id"]]
     assert export["feedback_ids"] == row["feedback_ids"]
@@ -86,21 +64,21 @@ def test_sft_retrain_promotes_and_records_lineage(run_copy, db_url, one_thread):
     # new feedback: the next attempt's parent is the promoted one
     _feed(store, 12, start=24)
     bad = RetrainJob(
-        run_copy, db_url, min_new=10, steps=6, overrides=["train.lr=3.0"], show_progress=False
+        parent_copy, db_url, min_new=10, steps=6, overrides=["train.lr=3.0"], show_progress=False
     )
     rejected = run_retrain(bad)
     assert rejected.decision == "rejected" and "worse on" in rejected.reason
     runs = store.retrain_runs()
     assert runs[1]["parent_id"] == runs[0]["id"] and runs[1]["decision"] == "rejected"
-    assert promoted_dir(run_copy) == (out.attempt_dir / "candidate").resolve()  # unchanged
+    assert promoted_dir(parent_copy) == (out.attempt_dir / "candidate").resolve()  # unchanged
     store.close()
 
 
-def test_dpo_retrain_from_the_store(run_copy, tmp_path, one_thread):
+def test_dpo_retrain_from_the_store(parent_copy, tmp_path, one_thread):
     db = f"sqlite:///{tmp_path / 'fb.db'}"
     store = FeedbackStore(db)
     _feed(store, 16)
-    job = RetrainJob(run_copy, db, min_new=5, objective="dpo", steps=4, show_progress=False)
+    job = RetrainJob(parent_copy, db, min_new=5, objective="dpo", steps=4, show_progress=False)
     out = run_retrain(job)
     assert out.decision in ("promoted", "rejected")
     [row] = store.retrain_runs()
@@ -115,16 +93,20 @@ def test_dpo_retrain_from_the_store(run_copy, tmp_path, one_thread):
     store.close()
 
 
-def test_cli_skips_with_exit_0_and_fails_cleanly_without_a_database(run_copy, tmp_path):
+def test_cli_skips_with_exit_0_and_fails_cleanly_without_a_database(
+    parent_copy, tmp_path, one_thread
+):
     def cli(*argv):
         return subprocess.run([sys.executable, "-m", "tuneforge.cli", *argv],
                               capture_output=True, text=True, timeout=300)  # fmt: skip
 
     db = tmp_path / "fb.db"
-    r = cli("retrain", str(run_copy), "--db", str(db), "--quiet")
+    r = cli("retrain", str(parent_copy), "--db", str(db), "--quiet")
     assert r.returncode == 2 and "no such database file" in r.stderr and not db.exists()
     FeedbackStore(db).close()
-    r = cli("retrain", str(run_copy), "--db", str(db), "--min-new", "5", "--quiet")
+    r = cli("retrain", str(parent_copy), "--db", str(db), "--min-new", "5", "--quiet")
     assert r.returncode == 0 and "skipped: 0 new feedback rows" in r.stdout
-    r = cli("retrain", str(run_copy), "--db", "postgresql+psycopg://nobody@/nope?host=/nonexistent")
+    r = cli(
+        "retrain", str(parent_copy), "--db", "postgresql+psycopg://nobody@/nope?host=/nonexistent"
+    )
     assert r.returncode == 2 and "cannot open the store" in r.stderr and "Traceback" not in r.stderr

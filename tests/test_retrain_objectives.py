@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tuneforge.cli import main as cli
-from tuneforge.config import load_config, options_model
+from tuneforge.config import options_model
 from tuneforge.data.pipeline import collate
 from tuneforge.feedback.store import FeedbackStore
 from tuneforge.feedback.validate import FeedbackItem
@@ -25,30 +24,13 @@ from tuneforge.loading import load_run
 from tuneforge.methods import build_method
 from tuneforge.models import resolve_dtype
 from tuneforge.recipes.retrain import policy_and_reference
-from tuneforge.recipes.train import run_training
 from tuneforge.train.preference import answer_logps, tokenize_answer
 
 from conftest import build_tiny_llama
 from feedback_helpers import make_record
-from helpers import COLORS, THINGS, write_run_config, write_toy_messages
+from helpers import COLORS, THINGS
 
 ANSWER = {t: COLORS[i % len(COLORS)] for i, t in enumerate(THINGS)}
-
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory, tiny_model_dir, one_thread):
-    root = tmp_path_factory.mktemp("objectives")
-    data = write_toy_messages(root / "train.jsonl", n=64)
-    cfg = write_run_config(root / "run.yaml", tiny_model_dir, data, root / "run",
-                           train={"max_steps": 30})  # fmt: skip
-    run_training(load_config(cfg), show_progress=False)
-    return root / "run"
-
-
-@pytest.fixture
-def run_copy(base_run, tmp_path):
-    shutil.copytree(base_run, tmp_path / "run")
-    return tmp_path / "run"
 
 
 def _serve(store: FeedbackStore, thing: str, answer: str) -> str:
@@ -86,7 +68,7 @@ def _retrain(run, db, *extra: str) -> None:
     assert cli(argv) == 0
 
 
-def test_kto_from_thumbs_only(run_copy, tmp_path, one_thread, capsys):
+def test_kto_from_thumbs_only(parent_copy, tmp_path, one_thread, capsys):
     db = f"sqlite:///{tmp_path / 'fb.db'}"
     store = FeedbackStore(db)
     for i in range(24):  # every other answer right (thumbs up), the rest wrong (thumbs down)
@@ -94,8 +76,8 @@ def test_kto_from_thumbs_only(run_copy, tmp_path, one_thread, capsys):
         good = i % 2 == 0
         rid = _serve(store, thing, ANSWER[thing] if good else "purple")
         store.add_feedback(FeedbackItem(rid, 1 if good else -1, "thumbs"))
-    _retrain(run_copy, db, "--objective", "kto", "--steps", "8", "--beta", "0.5")
-    attempt = run_copy / "retrain" / "attempt-0001"
+    _retrain(parent_copy, db, "--objective", "kto", "--steps", "8", "--beta", "0.5")
+    attempt = parent_copy / "retrain" / "attempt-0001"
     row = _decision(store, attempt)
     assert row["objective"] == "kto"
     assert f"{row['decision']}:" in capsys.readouterr().out
@@ -106,29 +88,29 @@ def test_kto_from_thumbs_only(run_copy, tmp_path, one_thread, capsys):
     summary = json.loads((candidate / "summary.json").read_text())
     # step 1: policy == frozen reference, KL point 0: 1 - sigmoid(0) for every row
     assert summary["objective"] == "kto" and summary["losses"][0] == pytest.approx(0.5, abs=1e-5)
-    assert _adapters_differ(run_copy, candidate) > 1e-4
+    assert _adapters_differ(parent_copy, candidate) > 1e-4
     pairs = [(r["prompt"], r["completion"]) for r in rows]
-    ratio = _logps(candidate, pairs) - _logps(run_copy, pairs)  # log pi_candidate / pi_parent
+    ratio = _logps(candidate, pairs) - _logps(parent_copy, pairs)  # log pi_candidate / pi_parent
     good = torch.tensor([r["label"] for r in rows])
     assert ratio[good].mean() > 0 > ratio[~good].mean()
     store.close()
 
 
-def test_dpo_through_the_cli_raises_the_margin(run_copy, tmp_path, one_thread):
+def test_dpo_through_the_cli_raises_the_margin(parent_copy, tmp_path, one_thread):
     db = f"sqlite:///{tmp_path / 'fb.db'}"
     store = FeedbackStore(db)
     for i in range(16):  # wrong answers with the right one as the correction
         thing = THINGS[i % len(THINGS)]
         rid = _serve(store, thing, "purple")
         store.add_feedback(FeedbackItem(rid, -1, "thumbs", correction=ANSWER[thing]))
-    _retrain(run_copy, db, "--objective", "dpo", "--steps", "6")
-    attempt = run_copy / "retrain" / "attempt-0001"
+    _retrain(parent_copy, db, "--objective", "dpo", "--steps", "6")
+    attempt = parent_copy / "retrain" / "attempt-0001"
     row = _decision(store, attempt)
     assert row["objective"] == "dpo"
     candidate = attempt / "candidate"
     summary = json.loads((candidate / "summary.json").read_text())
     assert summary["losses"][0] == pytest.approx(math.log(2), abs=1e-5)  # margin 0 at step 1
-    assert _adapters_differ(run_copy, candidate) > 1e-4
+    assert _adapters_differ(parent_copy, candidate) > 1e-4
     pairs = [json.loads(x) for x in (attempt / "data" / "train-pairs.jsonl").read_text().splitlines()]  # fmt: skip
     assert pairs and all(p["rejected"] == "purple" for p in pairs)
 
@@ -136,27 +118,37 @@ def test_dpo_through_the_cli_raises_the_margin(run_copy, tmp_path, one_thread):
         chosen = _logps(run, [(p["prompt"], p["chosen"]) for p in pairs])
         return (chosen - _logps(run, [(p["prompt"], p["rejected"]) for p in pairs])).mean().item()
 
-    assert margin(candidate) > margin(run_copy) + 1e-3
+    assert margin(candidate) > margin(parent_copy) + 1e-3
     store.close()
 
 
-def test_prompt_learning_runs_are_refused_for_preference_objectives(run_copy, tmp_path, capsys):
+def test_prompt_learning_runs_are_refused_for_preference_objectives(parent_copy, tmp_path, one_thread, capsys):  # fmt: skip
     import yaml
 
-    config = yaml.safe_load((run_copy / "config.yaml").read_text())
+    config = yaml.safe_load((parent_copy / "config.yaml").read_text())
     config["method"] = {"name": "prefix", "num_virtual_tokens": 4}
-    (run_copy / "config.yaml").write_text(yaml.safe_dump(config))
+    (parent_copy / "config.yaml").write_text(yaml.safe_dump(config))
     db = f"sqlite:///{tmp_path / 'fb.db'}"
     store = FeedbackStore(db)
     for i in range(8):
         thing = THINGS[i % len(THINGS)]
         store.add_feedback(FeedbackItem(_serve(store, thing, "purple"), -1, "thumbs"))
-    argv = ["retrain", str(run_copy), "--db", db, "--min-new", "5", "--objective", "kto", "--quiet"]
+    argv = [
+        "retrain",
+        str(parent_copy),
+        "--db",
+        db,
+        "--min-new",
+        "5",
+        "--objective",
+        "kto",
+        "--quiet",
+    ]
     assert cli(argv) == 2
     assert "method prefix adds virtual tokens" in capsys.readouterr().err
     [row] = store.retrain_runs()
     assert row["decision"] == "failed" and "virtual tokens" in row["reason"]
-    assert not (run_copy / "promoted").exists()
+    assert not (parent_copy / "promoted").exists()
     store.close()
 
 

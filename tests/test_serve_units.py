@@ -148,7 +148,9 @@ def test_the_batcher_groups_by_adapter_and_bounds_its_queue():
     events: list = []
     batcher.start()
     batcher.submit(job("a", events))  # runs alone while the rest queue up
-    time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while not run.batches and time.monotonic() < deadline:  # until it has started
+        time.sleep(0.005)
     for model in ["a", "b", "a", "a"]:
         batcher.submit(job(model, events))
     with pytest.raises(QueueFull):

@@ -36,6 +36,10 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SRC = Path(__file__).resolve().parent.parent / "src"
+#: True once the loss chart's point count or the run's state differs from [points, state].
+CHANGED = """([points, state]) =>
+    +(document.querySelector('#chart-loss').dataset.points || 0) !== points
+    || document.querySelector('#state').innerText !== state"""
 ui_state: dict[str, int] = {}  # what the test leaves for the fixture's teardown to check
 
 
@@ -154,15 +158,16 @@ def test_the_whole_loop_in_chromium(ui_server, tmp_path):
         page.click("#launch")
         page.wait_for_url(re.compile(r"/run\?dir=runs/browser"))
         chart = page.locator("#chart-loss")
-        seen = []
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and len(set(seen)) < 3:
-            if page.locator("#state").inner_text() == "running":
-                seen.append(int(chart.get_attribute("data-points") or 0))
-                seen = [n for n in seen if n > 0]
-            if page.locator("#state").inner_text() in ("finished", "failed"):
+        seen: list[int] = []
+        while len(set(seen)) < 3:
+            state = page.locator("#state").inner_text()
+            if state in ("finished", "failed"):
                 break
-            time.sleep(0.25)
+            points = int(chart.get_attribute("data-points") or 0)
+            if state == "running" and points > 0:
+                seen.append(points)
+            # the next look when the curve or the state changes, not after a fixed wait
+            page.wait_for_function(CHANGED, arg=[points, state], timeout=300_000)
         assert len(set(seen)) >= 2 and seen == sorted(seen), f"points seen while running: {seen}"
         page.screenshot(path=str(shots / "run-live.png"))
         page.wait_for_selector("#state.finished", timeout=300_000)

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PLACEHOLDERS = ("{tmp}", "{model}", "{model_wide}", "{run}")
 ROW_KEYS = {"id", "argv", "files", "exit", "stderr", "setup", "leaves", "timeout"}
 ID_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+CLI = "tuneforge.cli"
 
 # --- plain-data pieces the row files share ---------------------------------------------------
 
@@ -275,12 +277,17 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_subprocess(argv: list[str], cwd: Path, timeout: int = 180) -> tuple[int, str, str]:
-    """`python -m tuneforge.cli ARGV` in a fresh interpreter: (exit code, stdout, stderr)."""
+def run_subprocess(
+    argv: list[str], cwd: Path, timeout: int = 180, *, module: str = CLI, path: Sequence[str] = ()
+) -> tuple[int, str, str]:
+    """`python -m MODULE ARGV` in a fresh interpreter: (exit code, stdout, stderr); `path` goes
+    first on PYTHONPATH."""
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join([*path, env["PYTHONPATH"]])
     proc = subprocess.run(
-        [sys.executable, "-m", "tuneforge.cli", *argv],
+        [sys.executable, "-m", module, *argv],
         cwd=cwd,
-        env=cli_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -305,11 +312,20 @@ class ForkRunner:
         if not ready:
             raise RuntimeError("the bad-input worker did not start")
 
-    def run(self, argv: list[str], cwd: Path, timeout: int = 120) -> tuple[int, str, str]:
+    def run(
+        self,
+        argv: list[str],
+        cwd: Path,
+        timeout: int = 120,
+        *,
+        module: str = CLI,
+        path: Sequence[str] = (),
+    ) -> tuple[int, str, str]:
         """Like run_subprocess, in a forked child: (exit code, stdout, stderr)."""
         out, err = cwd.parent / f".{cwd.name}.stdout", cwd.parent / f".{cwd.name}.stderr"
         request = {"argv": argv, "cwd": str(cwd), "out": str(out), "err": str(err)}
-        self.proc.stdin.write(json.dumps({**request, "timeout": timeout}) + "\n")
+        request |= {"timeout": timeout, "module": module, "path": list(path)}
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         code = json.loads(self.proc.stdout.readline())["code"]
         texts = [p.read_text(encoding="utf-8", errors="replace") for p in (out, err)]

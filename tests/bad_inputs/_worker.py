@@ -1,9 +1,9 @@
 """A pre-imported `python -m tuneforge.cli` that forks once per bad-input row (tests only).
 
-Reads one JSON request a line on stdin, forks, runs the CLI in the child exactly as
-`python -m tuneforge.cli ARGV` would (own process, own fds, exit code), and answers with the
-child's exit status. It saves the 2-4 s of interpreter start-up and imports per row; the
-runner cross-checks a sample of rows against a genuine subprocess. It judges nothing itself.
+Each child ends as `python -m MODULE ARGV` would: own process and fds, the working directory first
+on sys.path, SystemExit / uncaught exceptions / KeyboardInterrupt ended as the interpreter ends
+them (not atexit handlers or non-daemon threads; no row relies on them). It saves the 2-4 s of
+start-up per row; tests/test_bad_inputs.py compares it with real subprocesses. Judges nothing.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ WARM = (
 
 
 def _child(request: dict) -> None:
-    """In the forked child: become `python -m tuneforge.cli ARGV`; never returns."""
+    """In the forked child: become `python -m MODULE ARGV` (default tuneforge.cli); never returns."""
     code = 1
     try:
         os.chdir(request["cwd"])
@@ -50,21 +50,40 @@ def _child(request: dict) -> None:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         signal.alarm(int(request.get("timeout", 120)))  # a row that hangs dies by SIGALRM
+        sys.path[0] = os.getcwd()  # `python -m` puts the working directory first
+        sys.path[1:1] = request.get("path", [])  # where PYTHONPATH entries go
         sys.argv = [sys.argv[0], *request["argv"]]
         try:
-            runpy.run_module("tuneforge.cli", run_name="__main__", alter_sys=True)
+            module = request.get("module", "tuneforge.cli")
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as stop:
-            if stop.code is None or isinstance(stop.code, int):
-                code = stop.code or 0
-            else:
-                print(stop.code, file=sys.stderr)
+            code = _exit_code(stop)
+        except KeyboardInterrupt:
+            traceback.print_exc()
+            _die_by_sigint()
         except BaseException:  # what the interpreter does with an uncaught exception
             traceback.print_exc()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _exit_code(stop: SystemExit) -> int:
+    """The interpreter's rule: None is 0, an int is itself, anything else is printed and is 1."""
+    if stop.code is None or isinstance(stop.code, int):
+        return stop.code or 0
+    print(stop.code, file=sys.stderr)
+    return 1
+
+
+def _die_by_sigint() -> None:
+    """An uncaught KeyboardInterrupt ends the interpreter by SIGINT (exit status -2), so here too."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ metrics and acting on the decision is recipes/retrain.py's business.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from tuneforge.errors import FeedbackError
@@ -15,6 +15,12 @@ from tuneforge.errors import FeedbackError
 LABEL_GATES = ("accuracy", "macro_f1")
 #: Default largest allowed drop of a label metric, in percentage points (accuracy 80.0 -> 78.0).
 DEFAULT_MAX_DROP = 2.0
+#: How a gate judges (parent, candidate, threshold): loss may rise by a fraction of the parent's,
+#: a label metric may drop by percentage points (1e-9: a drop of exactly the limit passes).
+RULES: dict[str, Callable[[float, float, float], bool]] = {
+    "relative rise": lambda p, c, limit: c <= p * (1 + limit),
+    "absolute drop": lambda p, c, limit: c >= p - limit - 1e-9,
+}
 
 
 def parse_max_drop(items: Iterable[str]) -> dict[str, float]:
@@ -62,19 +68,25 @@ def gate_checks(
     checks = []
     for name, before in parent.items():
         after = candidate[name]
-        p, c = float(before["loss"]), float(after["loss"])
-        checks.append({"set": name, "metric": "loss", "parent": p, "candidate": c,
-                       "rule": "relative rise", "threshold": max_regression,
-                       "passed": c <= p * (1 + max_regression)})  # fmt: skip
+        checks.append(_check(name, "loss", before, after, "relative rise", max_regression))
         for metric in LABEL_GATES:
-            if metric not in wanted or metric not in before or metric not in after:
-                continue
-            p, c = float(before[metric]), float(after[metric])
-            limit = drops.get(metric, DEFAULT_MAX_DROP)
-            checks.append({"set": name, "metric": metric, "parent": p, "candidate": c,
-                           "rule": "absolute drop", "threshold": limit,
-                           "passed": c >= p - limit - 1e-9})  # fmt: skip
+            if metric in wanted and metric in before and metric in after:
+                limit = drops.get(metric, DEFAULT_MAX_DROP)
+                checks.append(_check(name, metric, before, after, "absolute drop", limit))
     return checks
+
+
+def _check(
+    name: str, metric: str, before: Mapping[str, Any], after: Mapping[str, Any], rule: str,
+    threshold: float,
+) -> dict[str, Any]:  # fmt: skip
+    """One gate: `metric` of held-out set `name`, parent vs candidate, judged by RULES[rule].
+
+    The check records the rule's name and threshold, so a decision can be read without the code.
+    """
+    p, c = float(before[metric]), float(after[metric])
+    return {"set": name, "metric": metric, "parent": p, "candidate": c, "rule": rule,
+            "threshold": threshold, "passed": RULES[rule](p, c, threshold)}  # fmt: skip
 
 
 def decide(

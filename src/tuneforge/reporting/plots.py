@@ -5,12 +5,14 @@ Reading the run directory and putting the PNGs into report.html is htmlreport.py
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tuneforge.evaluation.metrics import SCORE_METRICS
+from tuneforge.paths import write_bytes_atomic
 
 # Eval keys that are counts, not metrics worth a curve (eval_loss has its own chart).
 _NOT_CURVES = {"eval_loss", "eval_tokens"}
@@ -63,6 +65,17 @@ def _figure(width: float = 7.5, height: float = 3.6):
     return fig
 
 
+def _save(fig, out: Path) -> Path:
+    """Render `fig` as PNG in memory and write it to `out` atomically (temp file + rename).
+
+    A crash or a full disk mid-report leaves the previous plot or none, never half a PNG.
+    """
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    write_bytes_atomic(out, buffer.getvalue())
+    return out
+
+
 def _style(ax, title: str, ylabel: str) -> None:
     ax.set_title(title, fontsize=11)
     ax.set_xlabel("optimizer step")
@@ -96,8 +109,7 @@ def plot_loss(
         ax.plot([best_step], [value], "*", color="black", markersize=13, label="best (restored)")
     _style(ax, "Loss", "cross-entropy (nats/token)")
     ax.legend(loc="best", fontsize=9)
-    fig.savefig(out, format="png")
-    return out
+    return _save(fig, out)
 
 
 def plot_lr(train: Sequence[dict[str, Any]], out: Path) -> Path:
@@ -108,8 +120,7 @@ def plot_lr(train: Sequence[dict[str, Any]], out: Path) -> Path:
     ax.plot(steps, lrs, color="#2ca02c", linewidth=1.8)
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     _style(ax, "Learning rate", "lr")
-    fig.savefig(out, format="png")
-    return out
+    return _save(fig, out)
 
 
 def plot_metrics(evals: Sequence[dict[str, Any]], names: Sequence[str], out: Path) -> Path:
@@ -127,8 +138,7 @@ def plot_metrics(evals: Sequence[dict[str, Any]], names: Sequence[str], out: Pat
             ax.set_ylim(-0.03 * top, top)
         _style(ax, short, "0-100" if short in SCORE_METRICS else "")
     fig.suptitle("Validation metrics", fontsize=12)
-    fig.savefig(out, format="png")
-    return out
+    return _save(fig, out)
 
 
 def make_plots(
