@@ -11,7 +11,15 @@ from tuneforge.data.pipeline import TokenizedExample, collate
 from tuneforge.data.templates import render
 from tuneforge.evaluation.generation import generate_batched
 from tuneforge.evaluation.offline import fold_adapters
-from tuneforge.evaluation.packed import pack_rows, packed_attention, packed_pass, with_answer
+from tuneforge.evaluation.packed import (
+    MIN_PREFIX,
+    pack_rows,
+    packed_attention,
+    packed_pass,
+    plan_rows,
+    shared_prefix,
+    with_answer,
+)
 from tuneforge.evaluation.runner import evaluate_examples, sequence_logprobs
 
 from conftest import build_tiny_gpt2, build_tiny_llama, build_tiny_qwen2
@@ -23,12 +31,14 @@ TEXTS = ["hi", LONG, "good book", "bad bad review " * 4, "two plus two", "质量
 # Multi-token labels, two sharing their first tokens, and one answer ("maybe") no label is.
 ANSWERS = ["good", "bad bad", "bad", "good", "maybe", "bad", "bad bad"]
 LABELS = ["bad", "bad bad", "good"]
+# A templated set's shared instruction: packs forward it once and pack only what follows.
+ASK = "Is the review positive or negative? Answer with one word.\n\nReview: "
 
 
-def _examples(texts=TEXTS, answers=ANSWERS):
+def _examples(texts=TEXTS, answers=ANSWERS, ask=ASK):
     return [
         Example(
-            messages=[{"role": "user", "content": t}, {"role": "assistant", "content": a}],
+            messages=[{"role": "user", "content": ask + t}, {"role": "assistant", "content": a}],
             label=a if a in LABELS else "good",  # the class of an answer that is no label
             source=f"t:{i}",
         )
@@ -52,13 +62,17 @@ def _reference_scores(model, tok, examples, labels) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("max_tokens", [1, 90, 230, 100_000])
-def test_packed_pass_equals_full_logits(tiny_tokenizer, max_tokens):
-    """Every pack size: each row alone (budget below any row), uneven packs, all in one pack."""
+@pytest.mark.parametrize("ask", [ASK, ""], ids=["shared-prefix", "no-prefix"])
+@pytest.mark.parametrize("max_tokens", [1, 150, 330, 100_000])
+def test_packed_pass_equals_full_logits(tiny_tokenizer, max_tokens, ask):
+    """Every pack size: each row alone (budget below any row), uneven packs, all in one pack;
+    rows sharing a long instruction (forwarded once per pack) and rows sharing 3 tokens."""
     model = build_tiny_llama(len(tiny_tokenizer), initializer_range=0.5).eval()
-    examples = _examples()
+    examples = _examples(ask=ask)
+    rows, _ = plan_rows(tiny_tokenizer, examples, LABELS, loss=True)
+    assert (shared_prefix(rows) >= MIN_PREFIX) == bool(ask)
     lengths = [len(render(tiny_tokenizer, ex)[0]) for ex in examples]
-    assert max(lengths) > 4 * min(lengths)  # rows of very different lengths
+    assert max(lengths) > 2 * min(lengths)  # rows of very different lengths
     with torch.no_grad():
         want_loss = _reference_loss(model, tiny_tokenizer, examples)
         want = _reference_scores(model, tiny_tokenizer, examples, LABELS)
@@ -103,7 +117,8 @@ def test_evaluate_examples_equals_reference(tiny_tokenizer, arch):
         assert packable == (arch != "gpt2")
     # batch size 3 over 7 rows: a pack budget of 768 tokens, and 3 + 3 + 1 padded rows
     _check_against_reference(model, tiny_tokenizer, _examples(), LABELS, 3)
-    _check_against_reference(model, tiny_tokenizer, _examples(), LABELS, 1, batch_tokens=50)
+    _check_against_reference(model, tiny_tokenizer, _examples(), LABELS, 1, batch_tokens=150)
+    _check_against_reference(model, tiny_tokenizer, _examples(ask=""), LABELS, 1)
     assert model.config._attn_implementation == "sdpa"  # put back as it was
 
 
@@ -190,3 +205,32 @@ def test_batched_generation_stops_per_row_like_one_at_a_time(tiny_tokenizer):
     single = [generate_batched(model, [p], stop_ids=stop, batch_size=1, **opts)[0] for p in prompts]
     assert batched == single
     assert len(batched[0]) <= 3 and any(len(a) == 12 for a in batched)
+
+
+def test_a_row_whose_prompt_is_not_the_labels_prompt_is_forwarded_twice(
+    tiny_tokenizer, monkeypatch
+):
+    """Where an example's own rendering does not start with the labels' prompt (a template
+    that renders the answer's turn into the context), its loss row and its label row are apart."""
+    import tuneforge.evaluation.packed as packed
+
+    model = build_tiny_llama(len(tiny_tokenizer), initializer_range=0.5).eval()
+    examples = _examples()
+    real = packed.render
+
+    def shifted(tok, ex, *args):  # the examples' own renderings get one more leading token
+        ids, labels = real(tok, ex, *args)
+        return ([7, *ids], [-100, *labels]) if any(ex is e for e in examples) else (ids, labels)
+
+    monkeypatch.setattr(packed, "render", shifted)
+    rows, _ = packed.plan_rows(tiny_tokenizer, examples, LABELS, loss=True)
+    assert len(rows) == 2 * len(examples)
+    items = [TokenizedExample(*shifted(tiny_tokenizer, ex), "") for ex in examples]
+    with torch.no_grad():
+        logp, count = sequence_logprobs(model, collate(items, pad_id=tiny_tokenizer.pad_token_id))
+        want = _reference_scores(model, tiny_tokenizer, examples, LABELS)
+    with packed_attention(model) as packable:
+        assert packable
+        got = packed_pass(model, tiny_tokenizer, examples, LABELS, loss=True, max_tokens=200)
+    assert math.isclose(got.loss_sum / got.tokens, float(-logp.sum() / count.sum()), rel_tol=1e-5)
+    torch.testing.assert_close(got.scores, want, rtol=1e-5, atol=1e-5)

@@ -20,6 +20,7 @@ from tuneforge.data.packing import pack_examples
 from tuneforge.data.pipeline import TokenizedExample
 from tuneforge.data.templates import render
 from tuneforge.errors import DataError
+from tuneforge.evaluation.prefix_attention import PREFIX_ATTENTION, register_prefix_attention
 from tuneforge.train.attention import ATTENTION_NAME, use_packed_sdpa
 from tuneforge.train.fastpath import keeps_packed_examples_apart
 from tuneforge.train.loss import label_positions, linear_cross_entropy, lm_parts
@@ -28,6 +29,8 @@ from tuneforge.train.loss import label_positions, linear_cross_entropy, lm_parts
 TOKENS_PER_BATCH_ROW = 256
 #: (row, label) continuations per cached forward: bounds its [pairs, answer, vocab] logits.
 MAX_PAIRS = 64
+#: A prefix shared by a pack's rows is forwarded once when at least this long.
+MIN_PREFIX = 8
 
 
 def with_answer(example: Example, answer: str) -> Example:
@@ -117,14 +120,17 @@ def pack_rows(rows: Sequence[Row], max_tokens: int) -> list[list[Row]]:
 
 @contextmanager
 def packed_attention(model: torch.nn.Module, positions_aligned: bool = True) -> Iterator[bool]:
-    """True inside when the model can run packed rows exactly (training's kernel switched on,
-    examples kept apart); the model's attention is put back on leaving."""
+    """True inside when the model can run packed rows exactly (training's kernel works on it and
+    keeps examples apart), with the prefix-sharing kernel switched on; put back on leaving."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     before = getattr(getattr(base, "config", None), "_attn_implementation", None)
     ok = positions_aligned and lm_parts(model) is not None
-    ok = ok and (before == ATTENTION_NAME or use_packed_sdpa(base))
+    ok = ok and (before in (ATTENTION_NAME, PREFIX_ATTENTION) or use_packed_sdpa(base))
     try:
-        yield ok and keeps_packed_examples_apart(model)
+        ok = ok and keeps_packed_examples_apart(model)
+        if ok:
+            base.set_attn_implementation(register_prefix_attention())
+        yield ok
     finally:
         if before is not None and base.config._attn_implementation != before:
             base.set_attn_implementation(before)
@@ -138,8 +144,35 @@ def _common(a: Sequence[int], b: Sequence[int]) -> int:
     return k
 
 
-def _hidden_and_cache(model, decoder, batch, mask, cache):
-    """One forward of a packed row: the decoder's last hidden state (head skipped), cache filled."""
+def shared_prefix(pack: Sequence[Row]) -> int:
+    """Tokens every row of `pack` starts with and none is scored on (0: under MIN_PREFIX, one row).
+
+    The prefix stops before each row's first loss target and before its label prompt's last
+    token, whose hidden states the scores need."""
+    if len(pack) < 2:
+        return 0
+    first = pack[0].ids
+    size = min(len(r.ids) for r in pack) - 1
+    for row in pack:
+        size = min(size, _common(first, row.ids))
+        scored = next((i for i, lab in enumerate(row.labels[1:], 1) if lab != IGNORE_INDEX), None)
+        if scored is not None:
+            size = min(size, scored - 1)
+        if row.prompt:
+            size = min(size, row.prompt - 1)
+    return size if size >= MIN_PREFIX else 0
+
+
+def _pack_batch(pack: Sequence[Row], prefix: int, device) -> dict[str, torch.Tensor]:
+    """The rows after `prefix`, back to back: input_ids, position_ids (from `prefix` on, per row)
+    and labels (each row's first dropped, as data/packing.py does), (1, T) each."""
+    batch = pack_examples([TokenizedExample(r.ids[prefix:], r.labels[prefix:], "") for r in pack])
+    batch["position_ids"] += prefix
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _hidden_and_cache(model, decoder, batch, mask, prefix_ids, cache):
+    """The decoder's last hidden states of a packed row (head skipped) after the cached prefix."""
     captured: list[torch.Tensor] = []
 
     def capture(module, args, output) -> None:
@@ -148,6 +181,17 @@ def _hidden_and_cache(model, decoder, batch, mask, cache):
 
     handle = decoder.register_forward_hook(capture)
     try:
+        if prefix_ids is not None:
+            ids = torch.tensor([prefix_ids], device=mask.device)
+            positions = torch.arange(len(prefix_ids), device=mask.device)[None]
+            keep = torch.zeros_like(ids, dtype=torch.bool)
+            model(
+                input_ids=ids,
+                position_ids=positions,
+                logits_to_keep=keep,
+                cache=cache,
+                use_cache=True,
+            )
         model(
             input_ids=batch["input_ids"],
             position_ids=batch["position_ids"],
@@ -157,7 +201,7 @@ def _hidden_and_cache(model, decoder, batch, mask, cache):
         )
     finally:
         handle.remove()
-    return captured[0][0]
+    return captured[-1][0]
 
 
 def _head_logprobs(head, hidden: torch.Tensor, targets: list[int]) -> torch.Tensor:
@@ -168,12 +212,12 @@ def _head_logprobs(head, hidden: torch.Tensor, targets: list[int]) -> torch.Tens
 
 
 @torch.no_grad()
-def _continue(model, cache, pairs: list[tuple[int, int, list[int]]], pad_id: int) -> torch.Tensor:
-    """Summed log-likelihood of each pair's tokens after its cached prefix.
+def _continue(model, cache, pairs, prefix: int, pad_id: int) -> torch.Tensor:
+    """Summed log-likelihood of each pair's tokens after its row's first `length` tokens.
 
-    A pair is (packed offset, prefix length, answer tokens from the prefix on): the prefix's
-    keys and values are sliced out of the packed row's cache and left-padded, so each pair
-    continues exactly where its row stands, without forwarding the prompt again.
+    A pair is (row offset in the packed row, length, answer tokens from there on). Those
+    tokens' keys and values (the shared prefix, then the row's own) are gathered from the
+    cache and left-padded, so each pair continues exactly where its row stands.
     """
     from transformers import DynamicCache
 
@@ -183,9 +227,10 @@ def _continue(model, cache, pairs: list[tuple[int, int, list[int]]], pad_id: int
     index = torch.zeros(len(pairs), width, dtype=torch.long)
     mask = torch.zeros(len(pairs), width + span, dtype=torch.long)
     ids = torch.full((len(pairs), span), pad_id, dtype=torch.long)
-    for i, (offset, prefix, tokens) in enumerate(pairs):
-        index[i, width - prefix :] = torch.arange(offset, offset + prefix)
-        mask[i, width - prefix : width + len(tokens) - 1] = 1
+    for i, (offset, length, tokens) in enumerate(pairs):
+        own = torch.arange(prefix + offset, offset + length)  # the row's tokens after the prefix
+        index[i, width - length :] = torch.cat([torch.arange(prefix), own])
+        mask[i, width - length : width + len(tokens) - 1] = 1
         ids[i, : len(tokens) - 1] = torch.tensor(tokens[:-1])
     index = index.to(device)
     kv = [
@@ -201,20 +246,19 @@ def _continue(model, cache, pairs: list[tuple[int, int, list[int]]], pad_id: int
         use_cache=True,
     ).logits.float()
     logp = torch.log_softmax(logits, dim=-1)
-    out = torch.zeros(len(pairs))
+    out = torch.zeros(len(pairs), dtype=torch.float64)
     for i, (_, _, tokens) in enumerate(pairs):
-        n = len(tokens) - 1
         target = torch.tensor(tokens[1:], device=logp.device).unsqueeze(-1)
-        out[i] = logp[i, :n].gather(-1, target).sum().cpu()
+        out[i] = float(logp[i, : len(tokens) - 1].gather(-1, target).sum())
     return out
 
 
-def _label_targets(pack: Sequence[Row], answers: list[list[int]]):
+def _label_targets(pack: Sequence[Row], answers: list[list[int]], prefix: int):
     """What the packed forward scores itself and what continues from its cache.
 
     Label j's first k + 1 answer tokens are read off the packed row wherever the row holds
     its first k (the prompt's last position gives the first token for every label); the rest
-    become (packed offset, prefix length, tokens) continuations.
+    become (row offset, length, tokens) continuations. Positions count from after `prefix`.
     """
     positions, targets, owners, pairs, pair_owners = [], [], [], [], []
     offset = 0
@@ -222,13 +266,13 @@ def _label_targets(pack: Sequence[Row], answers: list[list[int]]):
         for j, answer in enumerate(answers if row.prompt else ()):
             k = min(_common(answer, row.ids[row.prompt :]), len(answer) - 1)
             for t in range(k + 1):
-                positions.append(offset + row.prompt - 1 + t)
+                positions.append(offset + row.prompt - 1 + t - prefix)
                 targets.append(answer[t])
                 owners.append((row.example, j))
             if k < len(answer) - 1:
                 pairs.append((offset, row.prompt + k, answer[k:]))
                 pair_owners.append((row.example, j))
-        offset += len(row.ids)
+        offset += len(row.ids) - prefix
     return positions, targets, owners, pairs, pair_owners
 
 
@@ -237,13 +281,13 @@ def _score_pack(model, parts, pack: Sequence[Row], answers, scores, pad_id: int)
     from transformers import DynamicCache
 
     decoder, head = parts
-    device = next(model.parameters()).device
-    batch = pack_examples([TokenizedExample(r.ids, r.labels, "") for r in pack])
-    batch = {k: v.to(device) for k, v in batch.items()}
+    prefix = shared_prefix(pack)
+    batch = _pack_batch(pack, prefix, next(model.parameters()).device)
     mask, loss_targets = label_positions(batch["labels"])
-    positions, targets, owners, pairs, pair_owners = _label_targets(pack, answers)
-    cache = DynamicCache() if pairs else None
-    hidden = _hidden_and_cache(model, decoder, batch, mask, cache)
+    positions, targets, owners, pairs, pair_owners = _label_targets(pack, answers, prefix)
+    cache = DynamicCache() if pairs or prefix else None
+    prefix_ids = pack[0].ids[:prefix] if prefix else None
+    hidden = _hidden_and_cache(model, decoder, batch, mask, prefix_ids, cache)
     loss = 0.0
     if loss_targets.numel():
         loss = float(linear_cross_entropy(hidden[mask[0]], head.weight, loss_targets, head.bias))
@@ -252,7 +296,7 @@ def _score_pack(model, parts, pack: Sequence[Row], answers, scores, pad_id: int)
         for (example, j), value in zip(owners, logp.tolist(), strict=True):
             scores[example, j] += value
     for start in range(0, len(pairs), MAX_PAIRS):
-        logp = _continue(model, cache, pairs[start : start + MAX_PAIRS], pad_id)
+        logp = _continue(model, cache, pairs[start : start + MAX_PAIRS], prefix, pad_id)
         owned = pair_owners[start : start + MAX_PAIRS]
         for (example, j), value in zip(owned, logp.tolist(), strict=True):
             scores[example, j] += value
