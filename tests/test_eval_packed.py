@@ -81,7 +81,7 @@ def test_packed_pass_equals_full_logits(tiny_tokenizer, max_tokens, ask):
         got = packed_pass(model, tiny_tokenizer, examples, LABELS, loss=True, max_tokens=max_tokens)
     assert math.isclose(got.loss_sum / got.tokens, want_loss, rel_tol=1e-5)
     torch.testing.assert_close(got.scores, want, rtol=1e-5, atol=1e-5)
-    assert len(set(want.argmax(-1).tolist())) > 1  # the labels really compete
+    assert float(want.std(0).min()) > 0.1  # every label's score depends on the row
 
 
 def test_packs_hold_at_most_the_budget():
@@ -110,11 +110,12 @@ def _check_against_reference(model, tok, examples, labels, batch_size, **options
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_evaluate_examples_equals_reference(tiny_tokenizer, arch):
-    """Llama and Qwen2 pack; GPT-2 attends across packed rows, so it keeps the padded path."""
+    """Llama and Qwen2 pack; GPT-2 packs where the probe finds its examples kept apart (this
+    transformers passes it the position ids), else keeps the padded path: equal either way."""
     build = {"llama": build_tiny_llama, "qwen2": build_tiny_qwen2, "gpt2": build_tiny_gpt2}
     model = build[arch](len(tiny_tokenizer)).eval()
     with packed_attention(model) as packable:
-        assert packable == (arch != "gpt2")
+        assert packable or arch == "gpt2"
     # batch size 3 over 7 rows: a pack budget of 768 tokens, and 3 + 3 + 1 padded rows
     _check_against_reference(model, tiny_tokenizer, _examples(), LABELS, 3)
     _check_against_reference(model, tiny_tokenizer, _examples(), LABELS, 1, batch_tokens=150)

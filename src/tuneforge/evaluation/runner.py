@@ -180,7 +180,10 @@ def evaluate_examples(
     out: dict[str, Any] = {"examples": len(examples)}
     wants_labels = "accuracy" in metrics or "macro_f1" in metrics
     wants_loss = "loss" in metrics or "perplexity" in metrics
-    refs = [ex.label if ex.label is not None else ex.messages[-1]["content"] for ex in examples]
+    refs = [
+        ex.label if ex.label is not None else (ex.messages[-1]["content"] if ex.messages else "")
+        for ex in examples
+    ]
     labels = sorted(set(refs)) if labels is None else sorted(set(labels))
     if wants_labels and len(labels) < 2:  # checked before any pass runs: fail first
         raise DataError(
