@@ -57,6 +57,7 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/eval_bench.py --out bench/results/eval.json  # eval rows/s vs plain transformers
 
 # Serving side by side (quiet machine, ~15 min): tuneforge's engines, llama-cpp-python's server, generate.
 SERVE_GGUF ?=

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from tuneforge.constants import IGNORE_INDEX
 from tuneforge.data.formats import Example
@@ -123,13 +124,14 @@ def generate_batched(
     autocast_dtype: torch.dtype | None = None,
     stop_texts: Sequence[str] = (),
     tokenizer: Any = None,
+    progress: bool = False,
 ) -> list[list[int]]:
     """Greedy answers (token ids, stop token excluded) for each prompt, in the prompts' order.
 
     Prompts are batched by length (longest first) to waste little on padding; each batch keeps
     only its generated ids, so memory is one batch's KV cache however many prompts there are.
     A row also stops at any of `stop_texts` (decoded with `tokenizer`); the marker's ids stay in
-    its answer, for `answer_text` to cut.
+    its answer, for `answer_text` to cut. `progress`: a progress bar counting rows.
     """
     from transformers import GenerationConfig
 
@@ -151,6 +153,9 @@ def generate_batched(
     answers: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
+    bar = tqdm(
+        total=len(order), desc="eval generate", unit="row", disable=not progress, leave=False
+    )
     try:
         for i in range(0, len(order), batch_size):
             rows = order[i : i + batch_size]
@@ -168,7 +173,9 @@ def generate_batched(
             new = out[:, ids.shape[1] :].tolist()
             for row, generated in zip(rows, new, strict=True):
                 answers[row] = cut_at_stop(generated, stop_ids)
+            bar.update(len(rows))
     finally:
+        bar.close()
         model.train(was_training)
     return answers
 
@@ -182,6 +189,7 @@ def generate_answers(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
 ) -> list[str]:
     """Decoded greedy answers for `items`, cut at the end of turn (a special token or the
     template's text marker), stripped of special tokens and outer whitespace."""
@@ -197,5 +205,6 @@ def generate_answers(
         autocast_dtype=autocast_dtype,
         stop_texts=eot.texts,
         tokenizer=tokenizer,
+        progress=progress,
     )
     return [answer_text(tokenizer, a, stops, eot.texts).strip() for a in ids]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 
 def evaluate_reference(
     ref: str,
@@ -34,6 +36,7 @@ def evaluate_reference(
         data, "auto", on_bad_row="fail"
     )  # a broken data file fails before the model loads
     loaded = load_reference(ref, template=template)
+    fold_adapters(loaded.model)
     rest = [m for m in metrics if m not in TEXT_METRICS]
     out = evaluate_file(
         loaded.model,
@@ -49,7 +52,35 @@ def evaluate_reference(
     if text:
         out.update(
             score_file_generations(
-                loaded.model, loaded.tokenizer, data, text, batch_size, limit, **generation
+                loaded.model,
+                loaded.tokenizer,
+                data,
+                text,
+                batch_size,
+                limit,
+                progress=True,
+                **generation,
             )
         )
     return out
+
+
+def fold_adapters(model: torch.nn.Module) -> bool:
+    """Merge a loaded adapter (LoRA, IA3, ...) into its fp32 base weights: one matmul per layer.
+
+    Only for a model loaded to be evaluated (the adapter stops being separable) and only where
+    the merge is exact to fp32 rounding: plain fp32 Linear base layers, no prompt learning.
+    """
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return False
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers or not hasattr(model, "merge_adapter"):
+        return False
+    for layer in layers:
+        base = layer.get_base_layer()
+        if type(base) is not torch.nn.Linear or base.weight.dtype != torch.float32:
+            return False
+    model.merge_adapter()
+    return True

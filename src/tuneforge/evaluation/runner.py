@@ -1,13 +1,13 @@
 """Evaluate a model (base, adapter run or full run) on a data file: loss, perplexity, accuracy.
 
-Classification accuracy scores every label by its log-likelihood as the assistant's answer,
-batch by batch, so memory stays flat however large the evaluation set is.
+Accuracy scores every label by its log-likelihood as the assistant's answer. Models that pack
+take packed.py's single pass; the padded passes here serve the others (virtual tokens, models
+that attend across packed rows), batch by batch, so memory stays flat.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,15 +19,14 @@ from tuneforge.data.pipeline import TokenizedExample, collate
 from tuneforge.data.templates import render
 from tuneforge.errors import DataError
 from tuneforge.evaluation.metrics import classification_report
+from tuneforge.evaluation.packed import (
+    TOKENS_PER_BATCH_ROW,
+    packed_attention,
+    packed_pass,
+)
+from tuneforge.evaluation.packed import split_prompt as _split_prompt
+from tuneforge.evaluation.packed import with_answer as _with_answer
 from tuneforge.train.loss import CausalLMLoss
-
-
-def _with_answer(example: Example, answer: str) -> Example:
-    """The example's conversation with its last assistant turn replaced by `answer`."""
-    messages = list(example.messages)
-    while messages and messages[-1]["role"] == "assistant":
-        messages.pop()
-    return replace(example, messages=[*messages, {"role": "assistant", "content": answer}])
 
 
 @torch.no_grad()
@@ -81,15 +80,13 @@ def loss_metrics(
             if n:
                 total += float(loss_fn(model, batch, 1.0))  # num_items 1: the summed token loss
                 count += n
+    return _loss_dict(total, count)
+
+
+def _loss_dict(total: float, count: int) -> dict[str, float]:
+    """Token-weighted mean loss and its perplexity (NaN without labelled tokens)."""
     loss = total / count if count else math.nan
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
-
-
-def _split_prompt(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids): the answer is the labelled tail of the last assistant turn."""
-    first = next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
-    last = max(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
-    return ids[:first], ids[first : last + 1]
 
 
 @torch.no_grad()
@@ -172,13 +169,21 @@ def evaluate_examples(
     positions_aligned: bool = True,
     progress: bool = False,
     labels: list[str] | None = None,
+    batch_tokens: int | None = None,
 ) -> dict[str, Any]:
     """The requested metrics (loss, accuracy) on already-loaded examples.
 
-    `labels`: the classes to choose among (default: the distinct answers of `examples`)."""
+    `labels`: the classes to choose among (default: the distinct answers of `examples`).
+    Where the model packs exactly (packed_attention), one packed pass of up to `batch_tokens`
+    tokens per forward (default: batch_size x TOKENS_PER_BATCH_ROW) gives loss and labels
+    together; otherwise padded batches of `batch_size` rows, a pass per metric."""
     out: dict[str, Any] = {"examples": len(examples)}
     wants_labels = "accuracy" in metrics or "macro_f1" in metrics
-    refs = [ex.label if ex.label is not None else ex.messages[-1]["content"] for ex in examples]
+    wants_loss = "loss" in metrics or "perplexity" in metrics
+    refs = [
+        ex.label if ex.label is not None else (ex.messages[-1]["content"] if ex.messages else "")
+        for ex in examples
+    ]
     labels = sorted(set(refs)) if labels is None else sorted(set(labels))
     if wants_labels and len(labels) < 2:  # checked before any pass runs: fail first
         raise DataError(
@@ -186,9 +191,24 @@ def evaluate_examples(
             f"needs at least two distinct labels (answers), found {len(labels)}; use "
             "--metrics loss for free-text data"
         )
-    if "loss" in metrics or "perplexity" in metrics:
+    packed = None
+    if wants_loss or wants_labels:
+        with packed_attention(model, positions_aligned) as packable:
+            if packable:
+                packed = packed_pass(
+                    model,
+                    tokenizer,
+                    examples,
+                    labels if wants_labels else [],
+                    loss=wants_loss,
+                    max_tokens=batch_tokens or batch_size * TOKENS_PER_BATCH_ROW,
+                    progress=progress,
+                )
+    if wants_loss:
         out.update(
-            loss_metrics(
+            _loss_dict(packed.loss_sum, packed.tokens)
+            if packed is not None
+            else loss_metrics(
                 model,
                 tokenizer,
                 examples,
@@ -198,7 +218,10 @@ def evaluate_examples(
             )
         )
     if wants_labels:
-        preds = label_predictions(model, tokenizer, examples, labels, batch_size, progress)
+        if packed is not None:
+            preds = [labels[j] for j in packed.scores.argmax(-1).tolist()] if examples else []
+        else:
+            preds = label_predictions(model, tokenizer, examples, labels, batch_size, progress)
         out.update(classification_report(preds, refs, labels))
     return out
 

@@ -68,6 +68,7 @@ def score_file_generations(
     max_new_tokens: int = 64,
     lang: str = "auto",
     zh_mode: str = "word",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Text metrics of greedy answers to every prompt of a data file (`tuneforge eval`)."""
     from tuneforge.data.formats import load_examples
@@ -84,6 +85,7 @@ def score_file_generations(
         stop_ids=stop_ids,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        progress=progress,
     )
     refs = [item.reference for item in items]
     lang = check_lang(lang) if lang != "auto" else detect_lang(refs)

@@ -101,7 +101,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def _lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+def lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
     """(decoder body, output head) where the fast path computes the same loss, else None."""
     inner = _unwrap(model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
@@ -148,7 +148,7 @@ class CausalLMLoss:
         if chunk_tokens < 1:
             raise ValueError(f"train.loss_chunk_tokens: must be at least 1, got {chunk_tokens}")
         self.chunk_tokens = chunk_tokens
-        parts = _lm_parts(model) if positions_aligned else None
+        parts = lm_parts(model) if positions_aligned else None
         self.fast = parts is not None
         self.decoder, self.head = parts if parts is not None else (None, None)
 
