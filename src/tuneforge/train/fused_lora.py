@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tuneforge.train.dropout import FastDropout, drop_mask
+from tuneforge.train.dropout import FastDropout, drop_mask, zero_where
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class SharedDrop:
         if entry is not None and entry[0]() is x and entry[1] == key:
             return entry[2], entry[3]
         drop = drop_mask(x.shape, p, x.device)
-        dropped = x.to(dtype).masked_fill(drop, 0)
+        dropped = zero_where(drop, x.to(dtype))
         self._entry = (weakref.ref(x, self._forget), key, drop, dropped)
         return drop, dropped
 
@@ -82,7 +82,7 @@ def _dropped(x: torch.Tensor, call: _Call) -> tuple[torch.Tensor | None, torch.T
         drop, dropped = call.shared.get(x, call.p, call.dtype)
         return drop, dropped, True
     drop = drop_mask(x.shape, call.p, x.device)
-    return drop, x.to(call.dtype).masked_fill(drop, 0), False
+    return drop, zero_where(drop, x.to(call.dtype)), False
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -128,12 +128,12 @@ class _LoraLinear(torch.autograd.Function):
                 grad_b = (grad_b if weight is None else grad_b.mul_(ctx.scaling)).to(b_dtype)
             grad_h = g @ b
             if need_a:
-                xd = kept.masked_fill(drop, 0) if ctx.recompute else kept
+                xd = zero_where(drop, kept) if ctx.recompute else kept
                 grad_a = (grad_h.T @ xd.reshape(h.shape[0], -1)).to(a_dtype).mul_(ctx.keep)
             if need_x:
                 gx = grad_h @ a
                 if drop is not None:
-                    gx.masked_fill_(drop.view(gx.shape), 0)
+                    zero_where(drop.view(gx.shape), gx, inplace=True)
                 if weight is not None:
                     gx.addmm_(g, weight.to(g.dtype))  # the base's input gradient, in place
                 grad_x = gx.view(kept.shape).to(x_dtype)
