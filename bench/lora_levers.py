@@ -2,7 +2,8 @@
 full fine-tuning step, on the same packed batch, alternated in one process (SmolLM2-135M).
 
 `python bench/lora_levers.py [--tokens 4096] [--repeats 5] [--threads N] [--dtype fp32]`: prints
-ms per step (forward + backward, optimizer step) per variant, the LoRA/full ratio, the losses.
+ms per step (forward + backward, optimizer step) per variant, the LoRA/full ratio, the losses,
+and the mask-fill kernels side by side.
 The end-to-end side-by-side with HF Trainer + peft is bench/run.py's business.
 """
 
@@ -55,6 +56,10 @@ def build(method: dict, dtype: torch.dtype, threads: int | None):
     cfg = build_config({"method": method, "data": {"train": "x"}})
     model = build_method(cfg.method).apply(load_model(resolve_model_dir(MODEL), dtype))
     upcast_trainable(model)
+    gen = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: without values the adapters change no loss
+            param.data.normal_(0, 0.02, generator=gen)
     autocast = dtype == torch.bfloat16
     prepare_fast_path(model, autocast=autocast, packing=True, compile=False, num_threads=threads)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -136,6 +141,31 @@ def report(times: dict[str, list[tuple]]) -> None:
     )
 
 
+def fill_kernels(tokens: int, dtype: torch.dtype, repeats: int = 50) -> None:
+    """The mask fill lever alone (no switch in the model: the values are bit for bit the same):
+    masked_fill_ vs train/dropout.zero_where on the step's activation shapes."""
+    from tuneforge.train.dropout import drop_mask, zero_where
+
+    for width in (576, 1536):
+        x = torch.randn(tokens, width).to(dtype)
+        drop = drop_mask(x.shape, 0.05, x.device)
+        cost = {}
+        fills = {
+            "masked_fill_": lambda x=x, drop=drop: x.masked_fill_(drop, 0),
+            "zero_where": lambda x=x, drop=drop: zero_where(drop, x, inplace=True),
+        }
+        for name, fill in fills.items():
+            fill()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fill()
+            cost[name] = 1e3 * (time.perf_counter() - start) / repeats
+        print(
+            f"mask fill {tokens} x {width}: masked_fill_ {cost['masked_fill_']:.2f} ms, "
+            f"zero_where {cost['zero_where']:.2f} ms"
+        )
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=4096, help="tokens in the packed batch")
@@ -159,6 +189,7 @@ def main(argv: list[str]) -> int:
     )
     times = measure(variants(lora, full), batch, args.repeats, dtype == torch.bfloat16)
     report(times)
+    fill_kernels(batch["input_ids"].shape[1], dtype)
     print(f"load average at the end: {os.getloadavg()}")
     return 0
 

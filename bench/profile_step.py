@@ -31,6 +31,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--method", choices=sorted(METHODS), default="lora")
     p.add_argument("--data", type=Path, default=DATA, help="chat JSONL (default: the bench data)")
+    p.add_argument("--lora-levers-off", action="store_true", help="fused LoRA as before issue 18")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> int:
     from tuneforge.data.pipeline import prepare_data
     from tuneforge.methods import build_method
     from tuneforge.models import load_model, load_tokenizer, resolve_dtype, resolve_model_dir
-    from tuneforge.recipes.train import upcast_trainable
+    from tuneforge.recipes.parts import upcast_trainable
     from tuneforge.train.fastpath import prepare_fast_path
     from tuneforge.train.loss import CausalLMLoss
 
@@ -57,6 +58,10 @@ def main(argv: list[str]) -> int:
     prepare_fast_path(
         model, autocast=autocast, packing=True, compile=False, num_threads=args.threads
     )
+    if args.lora_levers_off:
+        from tuneforge.train.fused_lora import Levers, use_fused_lora
+
+        use_fused_lora(model, Levers(fold=False, share_masks=False))
     model.train()
     loss_fn = CausalLMLoss(model)
     n = float((batch["labels"][:, 1:] != -100).sum())
