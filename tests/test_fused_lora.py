@@ -165,6 +165,22 @@ def test_shared_drop_forgets_an_input_once_it_is_freed():
     assert shared._entry is None
 
 
+def test_gradient_checkpointing_recomputes_the_same_shared_masks(one_thread):
+    """Recomputing a block in backward (non-reentrant checkpointing, the generator state
+    restored) draws the masks the forward drew: the gradients of the plain fused step."""
+    ref_logits, ref_grads = _step(_fused(_lora(torch.float32, dropout=0.5)), autocast=False)
+    model = _lora(torch.float32, dropout=0.5)
+    model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
+    logits, grads = _step(_fused(model), autocast=False)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    assert grads.keys() == ref_grads.keys() and _rel_err(grads, ref_grads) < 1e-6
+
+
+def _fused(model):
+    assert use_fused_lora(model) == 14
+    return model
+
+
 def test_hooked_or_trainable_base_is_left_out_of_the_fold(one_thread):
     """A forward hook on a base layer still fires, and a base weight that trains gets peft's
     gradient: those layers keep the base matmul outside the node."""
