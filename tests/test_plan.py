@@ -169,8 +169,13 @@ def test_memory_plan_hand_computed():
     # attention 2q + 2kv + heads = 16 + 8 + 2, q/k/v input 8, o input 8, gate/up input 8,
     # SwiGLU 3*16 + down input 16, LoRA 7*2 -> 18+26+8+8+8+48+16+14 = 146 fp32 elements; two
     # blocks plus the final norm (8 + 1): 301 elements = 1204 bytes a token, 10 tokens 12,040;
-    # plus the fused branch's copies of A: 2 blocks * 2 * (8+8+8+8+8+8+16) = 256 elements.
-    assert activation_bytes(arch, lora, work, work.batches[0]) == 12_040 + 1_024
+    # plus the fused layers' scaled copies of A and B: 2 blocks * r 2 * (in + out summed:
+    # 16+12+12+16+24+24+24 = 128) = 512 elements.
+    assert activation_bytes(arch, lora, work, work.batches[0]) == 12_040 + 2_048
+    # With dropout, a 1-byte mask per distinct adapted input (q/k/v and gate/up share theirs):
+    # 8 + o 8 + 8 + down 16 = 40 bytes a token and block, 10 tokens x 2 blocks: 800.
+    dropped = MethodSpec("lora", r=2, dropout=True)
+    assert activation_bytes(arch, dropped, work, work.batches[0]) == 12_040 + 2_048 + 800
     # Loss: 3 labelled hidden rows kept (3*8*4 = 96) + one chunk of logits 3*10*4 = 120.
     assert loss_bytes(arch, lora, work, work.batches[0]) == 216
     plan = memory_plan(arch, lora, work, base_bytes=1000)

@@ -11,7 +11,7 @@ from tuneforge.data.packing import pack_examples
 from tuneforge.data.pipeline import TokenizedExample
 from tuneforge.models import resolve_dtype
 from tuneforge.train.attention import ATTENTION_NAME, packed_sdpa_forward, use_packed_sdpa
-from tuneforge.train.dropout import FastDropout, drop_mask, use_fast_dropout
+from tuneforge.train.dropout import FastDropout, drop_mask, use_fast_dropout, zero_where
 from tuneforge.train.fastpath import (
     auto_num_threads,
     prepare_fast_path,
@@ -195,6 +195,26 @@ def test_fast_dropout_is_dropout():
     assert torch.equal(layer(x), y)
     layer.eval()
     assert layer(x) is x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_where_is_masked_fill(dtype):
+    """Bit for bit masked_fill's result (NaN, inf and -0.0 included), in place when asked."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 48, generator=gen).to(dtype)
+    x[0, :4] = torch.tensor([float("nan"), float("inf"), -0.0, -1.0])
+    drop = torch.rand(64, 48, generator=gen) < 0.3
+    drop[0, :2] = True
+    ref = x.masked_fill(drop, 0)
+    out = zero_where(drop, x)
+    assert out.dtype == dtype and out.data_ptr() != x.data_ptr()
+    assert torch.equal(
+        out.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        ref.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+    )
+    same = zero_where(drop, x, inplace=True)
+    assert same.data_ptr() == x.data_ptr() and torch.equal(x.isnan(), ref.isnan())
+    assert torch.equal(torch.nan_to_num(x), torch.nan_to_num(ref))
 
 
 def test_fast_dropout_replaces_every_plain_dropout():

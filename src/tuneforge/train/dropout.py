@@ -23,17 +23,26 @@ def drop_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     return words.view(torch.int16)[:n].view(shape) < threshold
 
 
+def zero_where(drop: torch.Tensor, x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """`x.masked_fill(drop, 0)` (`masked_fill_` when in place), through torch.where: the same
+    values, about twice as fast on CPU, where masked_fill's bool-mask kernel is not vectorised."""
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    if inplace:
+        return torch.where(drop, zero, x, out=x)
+    return torch.where(drop, zero, x)
+
+
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, drop: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(drop)  # 1 byte per element, where torch keeps an x-sized tensor
         ctx.scale = scale
-        return x.mul(scale).masked_fill_(drop, 0)
+        return zero_where(drop, x.mul(scale), inplace=True)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (drop,) = ctx.saved_tensors
-        return grad.mul(ctx.scale).masked_fill_(drop, 0), None, None
+        return zero_where(drop, grad.mul(ctx.scale), inplace=True), None, None
 
 
 class FastDropout(torch.nn.Module):

@@ -211,14 +211,13 @@ def _block_saved(
         return 2 * (3 * h + 1) + 3 * q + 2 * kv + arch.heads + 4 * i, 0
     adapted = set(method.targets) if method.lora_like else set()
     elements = 2 * (h + 1) + 2 * q + 2 * kv + arch.heads + 3 * i
-    elements += h if adapted & {"q_proj", "k_proj", "v_proj"} else 0
-    elements += q if "o_proj" in adapted else 0
-    elements += h if adapted & {"gate_proj", "up_proj"} else 0
-    elements += i if "down_proj" in adapted else 0
-    elements += method.r * len(adapted)
-    linears = arch.linears()
-    masks = sum(linears[t][0] for t in adapted) if method.dropout else 0
-    return elements, masks
+    # One dropped input (and one mask) per distinct layer input: q/k/v and gate/up share theirs.
+    inputs = h if adapted & {"q_proj", "k_proj", "v_proj"} else 0
+    inputs += q if "o_proj" in adapted else 0
+    inputs += h if adapted & {"gate_proj", "up_proj"} else 0
+    inputs += i if "down_proj" in adapted else 0
+    elements += inputs + method.r * len(adapted)
+    return elements, inputs if method.dropout else 0
 
 
 def _path_layers(arch: Architecture, method: MethodSpec) -> tuple[int, int]:
@@ -265,9 +264,9 @@ def activation_bytes(arch: Architecture, method: MethodSpec, work: Workload, bat
 
 
 def _lora_weight_copies(arch: Architecture, method: MethodSpec) -> int:
-    """The fused LoRA branch keeps a scaled copy of A per call (train/fused_lora.py)."""
+    """The fused LoRA layer keeps scaled copies of A and B per call (train/fused_lora.py)."""
     linears = arch.linears()
-    return arch.layers * sum(method.r * linears[t][0] for t in method.targets) * FP32
+    return arch.layers * sum(method.r * sum(linears[t]) for t in method.targets) * FP32
 
 
 def head_trains(method: MethodSpec, arch: Architecture) -> bool:
