@@ -1,0 +1,260 @@
+"""Predict a training step's time on the shapes the memory estimate uses: matmul FLOPs at measured
+GEMM rates, attention at its kernel's measured rate, memory-bound passes at measured bandwidth.
+
+Nothing is measured here (train/calibrate.py measures the Machine); the counts follow what the
+loop, the fast path (packed attention, fused LoRA, fast dropout), the chunked loss and AdamW run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from tuneforge.train.estimate import (
+    FP32,
+    Architecture,
+    Batch,
+    MethodSpec,
+    Workload,
+    head_trains,
+    is_packed,
+    path_layers,
+    positions,
+    trainable_parameters,
+)
+
+# Per trainable parameter and step, bytes moved: single-tensor AdamW (decay 8, first moment 12,
+# second moment 20, sqrt / div / add 24, addcdiv 16), clip_grad_norm_ (norm 4, scale 8, it always
+# runs), and the gradient backward writes into fresh pages (zero_grad sets them to None).
+ADAMW_BYTES = 80
+CLIP_BYTES = 12
+GRAD_ALLOC_BYTES = 4
+OPTIMIZER_OPS_PER_TENSOR = 20  # AdamW's ~14 ops, clipping's 2, and its Python loop, per tensor
+LOSS_PASSES = 6  # fp32 passes over each chunk of logits: logsumexp (2), subtract, exp, gather, ...
+ATTENTION_BACKWARD = 2.5  # flash attention's backward recomputes scores: 5 matmuls to forward's 2
+
+# Eager ops per block and micro-batch (forward + autograd backward), counted on the tiny Llama
+# with a dispatch mode (tests/test_plan.py checks the counts): the block without adapters, each
+# packed example's own attention call, and one fused LoRA branch (more with dropout).
+BLOCK_OPS = 150
+EXAMPLE_OPS = 6
+LORA_OPS = 24
+LORA_DROPOUT_OPS = 6
+MODEL_OPS = 60  # embedding, rotary tables, final norm, loss set-up, per micro-batch
+CHUNK_OPS = 14  # per chunk of the loss
+
+
+@dataclass(frozen=True)
+class Machine:
+    """This machine's speeds at the model's shapes (train/calibrate.py measures them); a rate
+    left at 0 falls back to `matmul_flops` (attention) or `bandwidth` (activations)."""
+
+    matmul_flops: float  # FLOP/s of the block's linears, forward (x @ W.T)
+    bandwidth: float  # bytes/s of an elementwise pass over arrays larger than the caches
+    op_overhead_s: float = 10e-6  # one eager op: dispatch, allocation, autograd bookkeeping
+    dgrad_flops: float = 0.0  # input gradients (g @ W)
+    wgrad_flops: float = 0.0  # weight gradients (g.T @ x)
+    act_bandwidth: float = 0.0  # bytes/s of an elementwise pass over one activation
+    attention_flops: float = 0.0  # causal attention, forward + backward (FLOPs as counted here)
+    attention_forward_flops: float = 0.0  # causal attention, forward only
+    masked_attention_flops: float = 0.0  # attention with a padding mask, forward + backward
+    masked_attention_forward_flops: float = 0.0
+    mask_rate: float = 0.0  # dropout-mask elements drawn per second (0: never drawn)
+
+    def rate(self, name: str) -> float:
+        """The named rate, or the one it falls back to when it was not measured."""
+        value = getattr(self, name)
+        if value:
+            return value
+        return self.bandwidth if name == "act_bandwidth" else self.matmul_flops
+
+
+@dataclass
+class TimePlan:
+    """Predicted seconds per optimizer step, by part, and the run's step counts."""
+
+    step_s: float
+    steps_per_epoch: int
+    total_steps: int
+    flops_per_step: float
+    items: dict[str, float] = field(default_factory=dict)  # seconds per step by part
+
+    @property
+    def epoch_s(self) -> float:
+        return self.step_s * self.steps_per_epoch
+
+    @property
+    def total_s(self) -> float:
+        return self.step_s * self.total_steps
+
+
+def head_positions(method: MethodSpec, work: Workload, batch: Batch) -> int:
+    """Rows of hidden state the output head multiplies: the labelled positions on the chunked
+    loss; every position on prompt learning's generic path (the model's own logits)."""
+    if method.prompt_learning:
+        return positions(method, work, batch)
+    return sum(n for _, n in batch)
+
+
+def gemm_flops(
+    arch: Architecture, method: MethodSpec, work: Workload, batch: Batch
+) -> dict[str, float]:
+    """Matmul FLOPs of one micro-batch by kind: forward, input gradients, weight gradients.
+
+    Every block runs 2 x positions x its linear weights forward; blocks on the gradient path
+    the same again for input gradients, trainable blocks once more for weight gradients;
+    checkpointing reruns the forward of the path. The head: logits forward, the hidden state's
+    gradient, and the head's own gradient when it trains.
+    """
+    tokens = positions(method, work, batch)
+    block = 2 * tokens * sum(a * b for a, b in arch.linears().values())
+    on_path, trainable = path_layers(arch, method)
+    head = 2 * head_positions(method, work, batch) * arch.hidden * arch.vocab
+    recompute = on_path * block if work.gradient_checkpointing else 0
+    return {
+        "forward": arch.layers * block + head + recompute,
+        "input grads": on_path * block + head,
+        "weight grads": trainable * block + (head if head_trains(method, arch) else 0),
+    }
+
+
+def micro_batch_flops(
+    arch: Architecture, method: MethodSpec, work: Workload, batch: Batch
+) -> float:
+    """All matmul FLOPs of one micro-batch: the linears and head (gemm_flops), attention."""
+    path, forward_only = attention_flops(arch, method, work, batch)
+    return sum(gemm_flops(arch, method, work, batch).values()) + path + forward_only
+
+
+def attention_flops(
+    arch: Architecture, method: MethodSpec, work: Workload, batch: Batch
+) -> tuple[float, float]:
+    """(FLOPs of blocks on the gradient path, forward + backward; of the others, forward).
+
+    Forward is 4 x (query, key) pairs x q_dim (scores and values). Packed rows attend example
+    by example, causally: n (n + 1) / 2 pairs each. Padded rows run the masked kernel over
+    every pair of the padded length, plus prefix tuning's virtual keys.
+    """
+    if is_packed(method, work):
+        pairs = sum(n * (n + 1) // 2 for n, _ in batch)
+    else:
+        length = positions(method, work, batch) // len(batch)
+        prefix = method.virtual_tokens if method.name == "prefix" else 0
+        pairs = len(batch) * length * (length + prefix)
+    forward = 4 * pairs * arch.q_dim
+    on_path, _ = path_layers(arch, method)
+    passes = 2 if work.gradient_checkpointing else 1
+    path = on_path * forward * (passes + ATTENTION_BACKWARD)
+    return path, (arch.layers - on_path) * forward
+
+
+def block_elements(arch: Architecture, method: MethodSpec, packed: bool) -> tuple[int, int]:
+    """(forward, backward) fp32 elements read plus written per position by one block's
+    memory-bound ops: two RMSNorms (7 h forward, 18 h backward), residual adds, RoPE on q and k,
+    attention layouts (packed: the transposed output and the examples' concatenation; padded:
+    keys and values repeated to every head), SwiGLU, and backward's sums of gradients."""
+    h, i, q, kv = arch.hidden, arch.intermediate, arch.q_dim, arch.kv_dim
+    layout = 4 * q if packed else 4 * q + 2 * kv
+    forward = 14 * h + 6 * h + 10 * (q + kv) + layout + 5 * i
+    backward = 36 * h + 6 * h + 9 * h + 10 * (q + kv) + layout + 9 * i
+    return forward, backward
+
+
+def lora_elements(arch: Architecture, method: MethodSpec) -> tuple[int, int]:
+    """(fp32 elements read plus written, dropout-mask elements drawn) per position and block by
+    the fused LoRA branches (train/fused_lora.py): per adapted linear, the rank-r products read
+    the input and write the output; the scaled branch is added to the base output; backward
+    reads both again and adds its input gradient to the base one; a dropout mask is drawn and
+    applied to the input (forward, for A's gradient, and to the input gradient)."""
+    if not method.lora_like:
+        return 0, 0
+    elements = drawn = 0
+    for target in method.targets:
+        n_in, n_out = arch.linears()[target]
+        elements += n_in * 6 + n_out * 10
+        if method.dropout:
+            elements += n_in * 7  # three masked copies (2 each) and the mask bytes read
+            drawn += n_in
+    return elements, drawn
+
+
+def micro_batch_seconds(
+    arch: Architecture, method: MethodSpec, work: Workload, batch: Batch, machine: Machine
+) -> dict[str, float]:
+    """Seconds of one micro-batch's forward and backward, by part."""
+    flops = gemm_flops(arch, method, work, batch)
+    on_path_attention, forward_attention = attention_flops(arch, method, work, batch)
+    packed = is_packed(method, work)
+    masked = "" if packed else "masked_"
+    tokens = positions(method, work, batch)
+    on_path, trainable = path_layers(arch, method)
+    forward, backward = block_elements(arch, method, packed)
+    reruns = on_path if work.gradient_checkpointing else 0
+    elements = (arch.layers + reruns) * forward + on_path * backward + trainable * 8 * arch.hidden
+    lora, drawn = lora_elements(arch, method)
+    elements = tokens * (elements + on_path * lora)
+    logits = head_positions(method, work, batch) * arch.vocab * LOSS_PASSES
+    chunks = math.ceil(sum(n for _, n in batch) / max(work.loss_chunk_tokens, 1))
+    return {
+        "matmuls": flops["forward"] / machine.rate("matmul_flops")
+        + flops["input grads"] / machine.rate("dgrad_flops")
+        + flops["weight grads"] / machine.rate("wgrad_flops"),
+        "attention": on_path_attention / machine.rate(f"{masked}attention_flops")
+        + forward_attention / machine.rate(f"{masked}attention_forward_flops"),
+        "memory-bound passes": elements * FP32 / machine.rate("act_bandwidth"),
+        "loss logits": logits * FP32 / machine.bandwidth,
+        "dropout masks": tokens * on_path * drawn / machine.mask_rate if drawn else 0.0,
+        "op overhead": machine.op_overhead_s
+        * (op_count(arch, method, work, batch) + reruns * BLOCK_OPS // 3 + chunks * CHUNK_OPS),
+    }
+
+
+def op_count(arch: Architecture, method: MethodSpec, work: Workload, batch: Batch) -> int:
+    """Eager ops one micro-batch dispatches (forward and backward)."""
+    examples = len(batch) if is_packed(method, work) else 0
+    per_block = BLOCK_OPS + EXAMPLE_OPS * examples
+    if method.lora_like:
+        per_block += len(method.targets) * (LORA_OPS + (LORA_DROPOUT_OPS if method.dropout else 0))
+    return arch.layers * per_block + MODEL_OPS
+
+
+def trainable_tensors(arch: Architecture, method: MethodSpec) -> int:
+    """Parameter tensors the optimizer walks one by one (foreach is off)."""
+    per_block = len(arch.linears()) + 2 + (3 if arch.attention_bias else 0)
+    if method.name == "full":
+        return arch.layers * per_block + 2 + (0 if arch.tied else 1)
+    if method.name == "freeze":
+        head = (1 if arch.tied else 2) if method.head_trainable else 0
+        return method.trainable_layers * per_block + head
+    if method.lora_like:
+        return arch.layers * 2 * len(method.targets)
+    if method.prompt_learning:
+        return 1 + (4 if method.projection_hidden else 0)
+    return arch.layers * len(method.targets)  # IA3: one vector per adapted linear
+
+
+def optimizer_seconds(arch: Architecture, method: MethodSpec, work: Workload, m: Machine) -> float:
+    """Clipping, AdamW and the fresh gradients of one step; with accumulation, each further
+    micro-batch also adds its gradients to the kept ones (a read-add-write pass)."""
+    params = trainable_parameters(arch, method)
+    moved = params * (ADAMW_BYTES + CLIP_BYTES + GRAD_ALLOC_BYTES)
+    moved += (work.grad_accum - 1) * params * 3 * FP32
+    ops = trainable_tensors(arch, method) * OPTIMIZER_OPS_PER_TENSOR
+    return moved / m.bandwidth + ops * m.op_overhead_s
+
+
+def time_plan(arch: Architecture, method: MethodSpec, work: Workload, machine: Machine) -> TimePlan:
+    """Seconds per optimizer step (the epoch's average micro-batch x grad_accum, then the
+    optimizer), per epoch and for the run, with the step's seconds by part."""
+    n = len(work.batches)
+    items: dict[str, float] = {}
+    flops = 0.0
+    for batch in work.batches:
+        for name, seconds in micro_batch_seconds(arch, method, work, batch, machine).items():
+            items[name] = items.get(name, 0.0) + seconds * work.grad_accum / n
+        flops += micro_batch_flops(arch, method, work, batch) * work.grad_accum / n
+    items["optimizer + clipping"] = optimizer_seconds(arch, method, work, machine)
+    per_epoch = max(1, math.ceil(n / work.grad_accum))
+    total_micro = work.total_micro_batches or n
+    total_steps = max(1, math.ceil(total_micro / work.grad_accum))
+    return TimePlan(sum(items.values()), per_epoch, total_steps, flops, items)
