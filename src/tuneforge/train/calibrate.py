@@ -49,7 +49,8 @@ def available_memory_bytes(device: str = "cpu") -> int:
     return 0
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model (/proc/cpuinfo), for calibration keys and reports."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -184,7 +185,7 @@ def calibrate(
     before = torch.get_num_threads()
     threads = threads or before
     shape = f"{arch.hidden}x{arch.intermediate}x{arch.heads}x{arch.kv_heads}x{arch.head_dim}"
-    key = "|".join([_cpu_name(), str(threads), torch.__version__, str(dtype), shape, sizes])
+    key = "|".join([cpu_name(), str(threads), torch.__version__, str(dtype), shape, sizes])
     path = cache_root() / CALIBRATION_FILE
     cached = _read(path) if use_cache else {}
     if key in cached and not refresh:
