@@ -148,7 +148,7 @@ def attention_flops(
     return path, (arch.layers - on_path) * forward
 
 
-def block_elements(arch: Architecture, method: MethodSpec, packed: bool) -> tuple[int, int]:
+def block_elements(arch: Architecture, packed: bool) -> tuple[int, int]:
     """(forward, backward) fp32 elements read plus written per position by one block's
     memory-bound ops: two RMSNorms (7 h forward, 18 h backward), residual adds, RoPE on q and k,
     attention layouts (packed: the transposed output and the examples' concatenation; padded:
@@ -188,7 +188,7 @@ def micro_batch_seconds(
     masked = "" if packed else "masked_"
     tokens = positions(method, work, batch)
     on_path, trainable = path_layers(arch, method)
-    forward, backward = block_elements(arch, method, packed)
+    forward, backward = block_elements(arch, packed)
     reruns = on_path if work.gradient_checkpointing else 0
     elements = (arch.layers + reruns) * forward + on_path * backward + trainable * 8 * arch.hidden
     lora, drawn = lora_elements(arch, method)
@@ -203,7 +203,7 @@ def micro_batch_seconds(
         + forward_attention / machine.rate(f"{masked}attention_forward_flops"),
         "memory-bound passes": elements * FP32 / machine.rate("act_bandwidth"),
         "loss logits": logits * FP32 / machine.bandwidth,
-        "dropout masks": tokens * on_path * drawn / machine.mask_rate if drawn else 0.0,
+        "dropout masks": tokens * on_path * drawn / (machine.mask_rate or machine.bandwidth / FP32),
         "op overhead": machine.op_overhead_s
         * (op_count(arch, method, work, batch) + reruns * BLOCK_OPS // 3 + chunks * CHUNK_OPS),
     }
