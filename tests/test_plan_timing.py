@@ -20,7 +20,6 @@ from tuneforge.train.estimate import Architecture, MethodSpec, Workload, method_
 from tuneforge.train.fastpath import prepare_fast_path
 from tuneforge.train.loss import CausalLMLoss
 from tuneforge.train.timing import (
-    EXAMPLE_OPS,
     Machine,
     attention_flops,
     gemm_flops,
@@ -89,7 +88,7 @@ def test_step_time_hand_computed():
     # = 112+48+120+32+80 = 392, backward 36h + 6h + 9h + 10(q + kv) + 4q + 9i = 704; the
     # LoRA branches: inputs sum to 64 and outputs to 64, 6*64 + 10*64 = 1,024, with dropout
     # 7*64 more. Two blocks: 2 * (392 + 704 + 1,472) = 5,136 elements, 10 positions, fp32.
-    # Eager ops: 2 blocks x (150 + 2 examples x 6 + 7 branches x 30) + 60, one loss chunk 14.
+    # Eager ops: 2 blocks x (205 + 2 examples x 9 + 7 branches x 32) + 85, one loss chunk 14.
     # Optimizer: 512 LoRA parameters x 96 bytes, 28 tensors x 20 ops.
     expected = {
         "matmuls": 23_520 / 1e6 + 23_520 / 2e6,
@@ -97,7 +96,7 @@ def test_step_time_hand_computed():
         "memory-bound passes": 5_136 * 10 * 4 / 1e8,
         "loss logits": 3 * 10 * 6 * 4 / 1e9,
         "dropout masks": 10 * 2 * 64 / 1e7,
-        "op overhead": (2 * (150 + 12 + 210) + 60 + 14) * 1e-6,
+        "op overhead": (2 * (205 + 18 + 224) + 85 + 14) * 1e-6,
         "optimizer + clipping": 512 * 96 / 1e9 + 28 * 20 * 1e-6,
     }
     assert plan.items == pytest.approx(expected, rel=1e-12)
@@ -146,8 +145,9 @@ def _dispatched_ops(options: dict, layers: int, lengths: list[int]) -> int:
         {"name": "full"},
         {"name": "lora", "r": 4, "dropout": 0.0},
         {"name": "lora", "r": 4, "dropout": 0.1},
+        {"name": "freeze", "trainable_layers": 1},
     ],
-    ids=["full", "lora", "lora-dropout"],
+    ids=["full", "lora", "lora-dropout", "freeze"],
 )
 def test_op_counts_match_dispatched_ops(options):
     """A block's eager ops, and each packed example's, as a dispatch mode counts them."""
@@ -163,7 +163,9 @@ def test_op_counts_match_dispatched_ops(options):
     assert predicted == pytest.approx(per_block, rel=0.2)
     # One more packed example of the same 16 positions: its own attention call in each block.
     per_example = (_dispatched_ops(options, 3, [6, 5, 5]) - three) / 3
-    assert per_example == pytest.approx(EXAMPLE_OPS, abs=2)
+    added = op_count(arch, spec, work, ((6, 5), (5, 4), (5, 4))) - op_count(arch, spec, work, batch)
+    assert per_example == pytest.approx(added / 3, abs=2)
+    assert op_count(arch, spec, work, batch) == pytest.approx(three, rel=0.2)
 
 
 def test_calibration_is_measured_once_and_cached(monkeypatch, tmp_path):

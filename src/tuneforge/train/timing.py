@@ -33,14 +33,18 @@ OPTIMIZER_OPS_PER_TENSOR = 20  # AdamW's ~14 ops, clipping's 2, and its Python l
 LOSS_PASSES = 6  # fp32 passes over each chunk of logits: logsumexp (2), subtract, exp, gather, ...
 ATTENTION_BACKWARD = 2.5  # flash attention's backward recomputes scores: 5 matmuls to forward's 2
 
-# Eager ops per block and micro-batch (forward + autograd backward), counted on the tiny Llama
-# with a dispatch mode (tests/test_plan.py checks the counts): the block without adapters, each
-# packed example's own attention call, and one fused LoRA branch (more with dropout).
-BLOCK_OPS = 150
-EXAMPLE_OPS = 6
-LORA_OPS = 24
-LORA_DROPOUT_OPS = 6
-MODEL_OPS = 60  # embedding, rotary tables, final norm, loss set-up, per micro-batch
+# Eager ops per block and micro-batch, counted on the tiny Llama with a dispatch mode
+# (tests/test_plan_timing.py checks them): a block on the gradient path (forward + backward)
+# and one below it (forward only), each packed example's own attention call in either, the
+# weight gradients of a trainable block, and one fused LoRA branch (more with dropout).
+BLOCK_OPS = 205
+FORWARD_BLOCK_OPS = 75
+EXAMPLE_OPS = 9
+FORWARD_EXAMPLE_OPS = 5
+TRAINABLE_BLOCK_OPS = 14
+LORA_OPS = 22
+LORA_DROPOUT_OPS = 10
+MODEL_OPS = 85  # embedding, rotary tables, final norm, loss set-up, per micro-batch
 CHUNK_OPS = 14  # per chunk of the loss
 
 
@@ -212,10 +216,13 @@ def micro_batch_seconds(
 def op_count(arch: Architecture, method: MethodSpec, work: Workload, batch: Batch) -> int:
     """Eager ops one micro-batch dispatches (forward and backward)."""
     examples = len(batch) if is_packed(method, work) else 0
-    per_block = BLOCK_OPS + EXAMPLE_OPS * examples
+    on_path, trainable = path_layers(arch, method)
+    path_block = BLOCK_OPS + EXAMPLE_OPS * examples
     if method.lora_like:
-        per_block += len(method.targets) * (LORA_OPS + (LORA_DROPOUT_OPS if method.dropout else 0))
-    return arch.layers * per_block + MODEL_OPS
+        branch = LORA_OPS + (LORA_DROPOUT_OPS if method.dropout else 0)
+        path_block += len(method.targets) * branch
+    below = (arch.layers - on_path) * (FORWARD_BLOCK_OPS + FORWARD_EXAMPLE_OPS * examples)
+    return on_path * path_block + trainable * TRAINABLE_BLOCK_OPS + below + MODEL_OPS
 
 
 def trainable_tensors(arch: Architecture, method: MethodSpec) -> int:
