@@ -71,12 +71,15 @@ MACHINE = Machine(
     matmul_flops=1e6,
     dgrad_flops=2e6,
     wgrad_flops=4e6,
-    bandwidth=1e9,
-    act_bandwidth=1e8,
+    lora_flops=2e5,
+    bandwidth=1e8,
     attention_flops=5e5,
     attention_forward_flops=1e6,
     mask_rate=1e7,
+    masked_fill_rate=2e7,
+    silu_rate=1e7,
     op_overhead_s=1e-6,
+    lora_branch_s=5e-5,
 )
 
 
@@ -84,20 +87,23 @@ def test_step_time_hand_computed():
     """LoRA r=2 with dropout, one packed micro-batch: every part of the step by hand."""
     spec = MethodSpec("lora", r=2, dropout=True)
     plan = time_plan(TOY, spec, Workload(batches=[BATCH]), MACHINE)
-    # Memory-bound elements per position: a block's forward 14h + 6h + 10(q + kv) + 4q + 5i
-    # = 112+48+120+32+80 = 392, backward 36h + 6h + 9h + 10(q + kv) + 4q + 9i = 704; the
-    # LoRA branches: inputs sum to 64 and outputs to 64, 6*64 + 10*64 = 1,024, with dropout
-    # 7*64 more. Two blocks: 2 * (392 + 704 + 1,472) = 5,136 elements, 10 positions, fp32.
-    # Eager ops: 2 blocks x (205 + 2 examples x 9 + 7 branches x 32) + 85, one loss chunk 14.
-    # Optimizer: 512 LoRA parameters x 96 bytes, 28 tensors x 20 ops.
+    # The LoRA branches: inputs of the 7 linears sum to 64, outputs to 64; per position and
+    # block 6 * r * 128 = 1,536 rank-r FLOPs, 3*64 + 7*64 = 640 elementwise elements, 64 mask
+    # elements drawn and 3 * 64 masked-filled. Memory-bound elements per position: a block's
+    # forward 20h + 10(q + kv) + 4q + 3i = 160+120+32+48 = 360, backward 51h + 10(q + kv) + 4q
+    # + 6i = 408+120+32+96 = 656; two blocks and their branches: 2 * (360 + 656 + 640) =
+    # 3,312; SiLU 16 forward and 2 x 16 backward a block: 96. 10 positions.
+    # Eager ops: 2 blocks x (205 + 2 examples x 9) + 85, one loss chunk 14; 14 branches at
+    # their measured cost. Optimizer: 512 LoRA parameters x 96 bytes, 28 tensors x 20 ops.
     expected = {
         "matmuls": 23_520 / 1e6 + 23_520 / 2e6,
+        "LoRA matmuls": 10 * 2 * 1_536 / 2e5,
         "attention": 6_944 / 5e5,
-        "memory-bound passes": 5_136 * 10 * 4 / 1e8,
-        "loss logits": 3 * 10 * 6 * 4 / 1e9,
-        "dropout masks": 10 * 2 * 64 / 1e7,
-        "op overhead": (2 * (205 + 18 + 224) + 85 + 14) * 1e-6,
-        "optimizer + clipping": 512 * 96 / 1e9 + 28 * 20 * 1e-6,
+        "memory-bound passes": 3_312 * 10 * 4 / 1e8 + 96 * 10 / 1e7,
+        "dropout masks": 10 * 2 * 64 / 1e7 + 10 * 2 * 192 / 2e7,
+        "loss logits": 3 * 10 * 6 * 4 / 1e8,
+        "op overhead": (2 * (205 + 18) + 85 + 14) * 1e-6 + 14 * 5e-5,
+        "optimizer + clipping": 512 * 96 / 1e8 + 28 * 20 * 1e-6,
     }
     assert plan.items == pytest.approx(expected, rel=1e-12)
     assert plan.step_s == pytest.approx(sum(expected.values()), rel=1e-12)
@@ -105,7 +111,7 @@ def test_step_time_hand_computed():
     # pass over the kept gradients.
     two = time_plan(TOY, spec, Workload(batches=[BATCH, BATCH], grad_accum=2), MACHINE)
     assert two.items["matmuls"] == pytest.approx(2 * expected["matmuls"])
-    optimizer = expected["optimizer + clipping"] + 512 * 12 / 1e9
+    optimizer = expected["optimizer + clipping"] + 512 * 12 / 1e8
     assert two.items["optimizer + clipping"] == pytest.approx(optimizer)
     assert (two.steps_per_epoch, two.total_steps) == (1, 1)
 
@@ -171,18 +177,22 @@ def test_op_counts_match_dispatched_ops(options):
 def test_calibration_is_measured_once_and_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
     arch = Architecture.from_config({**TINY_DECODER, "vocab_size": 300})
-    first = calibration.calibrate(arch, 100, 20, threads=1, seconds=0.05)
-    for name in ("matmul_flops", "dgrad_flops", "wgrad_flops", "attention_flops"):
-        assert first.rate(name) > 1e6  # FLOP/s: any CPU does a million
-    assert first.bandwidth > 1e8 and 0 < first.op_overhead_s < 1e-3 and first.mask_rate > 1e5
+    first = calibration.calibrate(arch, 100, 20, threads=1, seconds=0.05, lora=(4, 0.1))
+    for name in ("matmul_flops", "dgrad_flops", "wgrad_flops", "lora_flops", "attention_flops"):
+        assert getattr(first, name) > 1e6  # FLOP/s, measured (not the fallback)
+    for name in ("mask_rate", "masked_fill_rate", "silu_rate"):
+        assert getattr(first, name) > 1e5  # elements/s
+    assert first.bandwidth > 1e8 and 0 < first.op_overhead_s < 1e-3
+    assert 0 < first.lora_branch_s < 1e-2
     assert (tmp_path / calibration.CALIBRATION_FILE).is_file()
 
     def refuse(*args, **kwargs):
         raise AssertionError("measured again although cached")
 
     monkeypatch.setattr(calibration, "measure", refuse)
-    assert calibration.calibrate(arch, 120, 24, threads=1, seconds=0.05) == first  # same bucket
+    same_bucket = calibration.calibrate(arch, 120, 24, threads=1, seconds=0.05, lora=(4, 0.1))
+    assert same_bucket == first
     with pytest.raises(AssertionError, match="measured again"):
-        calibration.calibrate(arch, 100, 20, threads=1, refresh=True)
+        calibration.calibrate(arch, 100, 20, threads=1, refresh=True, lora=(4, 0.1))
     with pytest.raises(AssertionError, match="measured again"):
         calibration.calibrate(arch, 3000, 20, threads=1)  # another shape

@@ -143,6 +143,7 @@ def estimate(
         threads=training_threads(cfg.train.num_threads),
         seconds=calibrate_seconds,
         refresh=fresh_calibration,
+        lora=(spec.r, 0.1 if spec.dropout else 0.0) if spec.lora_like else None,
     )
     timing = time_plan(arch, spec, work, machine)
     source = "--memory" if budget_bytes is not None else "available"

@@ -121,11 +121,70 @@ def attention_rates(arch: Architecture, n: int, dtype: torch.dtype, seconds: flo
     return rates
 
 
+def lora_rate(arch: Architecture, m: int, r: int, dtype: torch.dtype, seconds: float) -> float:
+    """FLOP/s of the rank-r products of LoRA branches on the block's linears over m positions
+    (x A and h B forward; B's, h's, A's and x's gradients backward): skinny, memory-bound."""
+    shapes = list(arch.linears().values())
+    xs = {n: _randn(m, n, dtype=dtype) for n in {a for a, _ in shapes} | {b for _, b in shapes}}
+    h = _randn(m, r, dtype=dtype)
+    mats = [(_randn(r, a, dtype=dtype), _randn(b, r, dtype=dtype)) for a, b in shapes]
+
+    def branches() -> None:
+        for (a_in, b_out), (a, b) in zip(shapes, mats, strict=True):
+            x, g = xs[a_in], xs[b_out]
+            F.linear(F.linear(x, a), b)
+            g.T @ h, g @ b, h.T @ x, h @ a
+
+    flops = 6 * m * r * sum(a + b for a, b in shapes)
+    return flops / _timed(branches, seconds)
+
+
+class _BranchProbe(torch.autograd.Function):
+    """train/fused_lora.py's branch in Python shape (autocast off, saved tensors, mask, six
+    products), on tiny tensors: what one call costs beyond its arithmetic."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, p: float):
+        with torch.autocast(x.device.type, enabled=False):
+            xc, scaled = x.to(x.dtype), (a * 2.0).to(a.dtype)
+            drop = drop_mask(x.shape, p, x.device) if p > 0.0 else None
+            xd = xc if drop is None else xc.masked_fill(drop, 0)
+            h = F.linear(xd, scaled)
+            out = F.linear(h, b) * 0.5
+        ctx.save_for_backward(xc, drop, h, scaled, b)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, drop, h, a, b = ctx.saved_tensors
+        with torch.autocast(xc.device.type, enabled=False):
+            g = (grad.to(h.dtype) * 0.5).flatten(0, -2)
+            grad_b, grad_h = g.T @ h.flatten(0, -2), g @ b
+            xd = xc if drop is None else xc.masked_fill(drop, 0)
+            grad_a = (grad_h.T @ xd.flatten(0, -2)).mul_(2.0)
+            gx = (grad_h @ a).view(xc.shape)
+            gx = gx if drop is None else gx.masked_fill_(drop, 0)
+        return gx, grad_a, grad_b, None
+
+
+def branch_seconds(p: float, seconds: float) -> float:
+    """Seconds of one tiny fused-LoRA-shaped branch, forward and backward, added to a linear."""
+    x, w = _randn(2, 8, grad=True), _randn(8, 8)
+    a, b = _randn(2, 8, grad=True), _randn(8, 2, grad=True)
+
+    def call() -> None:
+        (F.linear(x, w) + _BranchProbe.apply(x, a, b, p)).sum().backward()
+
+    plain = _timed(lambda: F.linear(x, w).sum().backward(), seconds / 2)
+    return max(_timed(call, seconds / 2) - plain, 0.0)
+
+
 def pass_rates(hidden: int, tokens: int, seconds: float) -> dict:
-    """Bytes/s of an elementwise pass over one tokens x hidden activation (often in cache) and
-    over 64 MB (beyond the caches), the cost of one eager op with autograd, and dropout-mask
-    elements drawn per second."""
-    act, act_out = torch.ones(tokens, hidden), torch.empty(tokens, hidden)
+    """Bytes/s of an elementwise pass over 64 MB (beyond the caches, as activations are between
+    the matmuls that evict them), elements/s of masked_fill, SiLU and dropout-mask drawing over
+    a tokens x hidden activation, and the cost of one eager op with autograd."""
+    act = torch.randn(tokens, hidden)
+    mask = torch.rand(tokens, hidden) < 0.1
     big, big_out = torch.ones(1 << 24), torch.empty(1 << 24)  # 64 MB each
     seed = torch.ones(8, requires_grad=True)
 
@@ -135,31 +194,41 @@ def pass_rates(hidden: int, tokens: int, seconds: float) -> dict:
             y = y * 1.0001
         y.sum().backward()
 
-    drawn = torch.Size([1 << 20])
     cpu = torch.device("cpu")
     with torch.no_grad():
-        act_s = _timed(lambda: torch.mul(act, 2.0, out=act_out), seconds / 4)
-        big_s = _timed(lambda: torch.mul(big, 2.0, out=big_out), seconds / 4)
-        mask_s = _timed(lambda: drop_mask(drawn, 0.1, cpu), seconds / 4)
+        big_s = _timed(lambda: torch.mul(big, 2.0, out=big_out), seconds / 5)
+        mask_s = _timed(lambda: drop_mask(act.shape, 0.1, cpu), seconds / 5)
+        fill_s = _timed(lambda: act.masked_fill(mask, 0), seconds / 5)
+        silu_s = _timed(lambda: F.silu(act), seconds / 5)
     return {
-        "act_bandwidth": 8 * act.numel() / act_s,
         "bandwidth": 8 * big.numel() / big_s,
-        "op_overhead_s": _timed(chain, seconds / 4) / 102,
-        "mask_rate": drawn.numel() / mask_s,
+        "mask_rate": act.numel() / mask_s,
+        "masked_fill_rate": act.numel() / fill_s,
+        "silu_rate": act.numel() / silu_s,
+        "op_overhead_s": _timed(chain, seconds / 5) / 102,
     }
 
 
 def measure(
-    arch: Architecture, tokens: int, example: int, dtype: torch.dtype, seconds: float = 1.5
+    arch: Architecture,
+    tokens: int,
+    example: int,
+    dtype: torch.dtype,
+    seconds: float = 1.5,
+    lora: tuple[int, float] | None = None,
 ) -> Machine:
     """This machine's rates at the model's shapes: GEMMs over `tokens` positions (at most
     1024: the rate is flat beyond), attention over `example`-token examples, passes over a
-    tokens x hidden activation."""
+    tokens x hidden activation; with `lora` (rank, dropout), its branches too."""
     m, n = _bucket(tokens, 64, 1024), _bucket(example, 32, 512)
     with torch.no_grad():
-        gemm = gemm_rates(arch, m, dtype, seconds * 0.5)
+        gemm = gemm_rates(arch, m, dtype, seconds * 0.4)
+        if lora:
+            gemm["lora_flops"] = lora_rate(arch, m, lora[0], dtype, seconds * 0.1)
     attention = attention_rates(arch, n, dtype, seconds * 0.25)
-    passes = pass_rates(arch.hidden, _bucket(tokens, 64, 16384), seconds * 0.25)
+    passes = pass_rates(arch.hidden, _bucket(tokens, 64, 16384), seconds * 0.2)
+    if lora:
+        passes["lora_branch_s"] = branch_seconds(lora[1], seconds * 0.05)
     return Machine(**gemm, **attention, **passes)
 
 
@@ -178,13 +247,16 @@ def calibrate(
     seconds: float = 1.5,
     use_cache: bool = True,
     refresh: bool = False,
+    lora: tuple[int, float] | None = None,
 ) -> Machine:
     """This machine's speeds at the model's shapes with `threads` torch threads (default: as
-    now), measured once and cached (`refresh`: measured again now, and the cache updated)."""
+    now), measured once and cached (`refresh`: measured again now, and the cache updated);
+    `lora` (rank, dropout) adds a LoRA method's branches."""
     sizes = f"m{_bucket(tokens, 64, 1024)}n{_bucket(example, 32, 512)}a{_bucket(tokens, 64, 16384)}"
     before = torch.get_num_threads()
     threads = threads or before
     shape = f"{arch.hidden}x{arch.intermediate}x{arch.heads}x{arch.kv_heads}x{arch.head_dim}"
+    sizes += f"r{lora[0]}p{lora[1]}" if lora else ""
     key = "|".join([cpu_name(), str(threads), torch.__version__, str(dtype), shape, sizes])
     path = cache_root() / CALIBRATION_FILE
     cached = _read(path) if use_cache else {}
@@ -195,7 +267,7 @@ def calibrate(
             pass
     torch.set_num_threads(threads)
     try:
-        machine = measure(arch, tokens, example, dtype, seconds)
+        machine = measure(arch, tokens, example, dtype, seconds, lora)
     finally:
         torch.set_num_threads(before)
     if use_cache:

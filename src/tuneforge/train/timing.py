@@ -51,26 +51,29 @@ CHUNK_OPS = 14  # per chunk of the loss
 @dataclass(frozen=True)
 class Machine:
     """This machine's speeds at the model's shapes (train/calibrate.py measures them); a rate
-    left at 0 falls back to `matmul_flops` (attention) or `bandwidth` (activations)."""
+    left at 0 falls back to `matmul_flops` (FLOP/s) or to `bandwidth` (elements/s)."""
 
     matmul_flops: float  # FLOP/s of the block's linears, forward (x @ W.T)
     bandwidth: float  # bytes/s of an elementwise pass over arrays larger than the caches
     op_overhead_s: float = 10e-6  # one eager op: dispatch, allocation, autograd bookkeeping
     dgrad_flops: float = 0.0  # input gradients (g @ W)
     wgrad_flops: float = 0.0  # weight gradients (g.T @ x)
-    act_bandwidth: float = 0.0  # bytes/s of an elementwise pass over one activation
+    lora_flops: float = 0.0  # the rank-r products of a LoRA branch (skinny, far below the above)
     attention_flops: float = 0.0  # causal attention, forward + backward (FLOPs as counted here)
     attention_forward_flops: float = 0.0  # causal attention, forward only
     masked_attention_flops: float = 0.0  # attention with a padding mask, forward + backward
     masked_attention_forward_flops: float = 0.0
-    mask_rate: float = 0.0  # dropout-mask elements drawn per second (0: never drawn)
+    mask_rate: float = 0.0  # dropout-mask elements drawn per second
+    masked_fill_rate: float = 0.0  # elements/s of masked_fill (compute-bound, not bandwidth)
+    silu_rate: float = 0.0  # elements/s of SiLU forward (its backward costs two)
+    lora_branch_s: float = 0.0  # fixed Python cost of one fused LoRA branch, forward + backward
 
     def rate(self, name: str) -> float:
         """The named rate, or the one it falls back to when it was not measured."""
         value = getattr(self, name)
         if value:
             return value
-        return self.bandwidth if name == "act_bandwidth" else self.matmul_flops
+        return self.matmul_flops if name.endswith("_flops") else self.bandwidth / FP32
 
 
 @dataclass
@@ -125,9 +128,11 @@ def gemm_flops(
 def micro_batch_flops(
     arch: Architecture, method: MethodSpec, work: Workload, batch: Batch
 ) -> float:
-    """All matmul FLOPs of one micro-batch: the linears and head (gemm_flops), attention."""
+    """All matmul FLOPs of one micro-batch: linears and head (gemm_flops), attention, LoRA."""
     path, forward_only = attention_flops(arch, method, work, batch)
-    return sum(gemm_flops(arch, method, work, batch).values()) + path + forward_only
+    on_path, _ = path_layers(arch, method)
+    lora = positions(method, work, batch) * on_path * lora_work(arch, method).flops
+    return sum(gemm_flops(arch, method, work, batch).values()) + path + forward_only + lora
 
 
 def attention_flops(
@@ -156,60 +161,76 @@ def block_elements(arch: Architecture, packed: bool) -> tuple[int, int]:
     """(forward, backward) fp32 elements read plus written per position by one block's
     memory-bound ops: two RMSNorms (7 h forward, 18 h backward), residual adds, RoPE on q and k,
     attention layouts (packed: the transposed output and the examples' concatenation; padded:
-    keys and values repeated to every head), SwiGLU, and backward's sums of gradients."""
+    keys and values repeated to every head), SwiGLU's product, and backward's sums of gradients
+    (SiLU itself is priced at its own rate)."""
     h, i, q, kv = arch.hidden, arch.intermediate, arch.q_dim, arch.kv_dim
     layout = 4 * q if packed else 4 * q + 2 * kv
-    forward = 14 * h + 6 * h + 10 * (q + kv) + layout + 5 * i
-    backward = 36 * h + 6 * h + 9 * h + 10 * (q + kv) + layout + 9 * i
+    forward = 14 * h + 6 * h + 10 * (q + kv) + layout + 3 * i
+    backward = 36 * h + 6 * h + 9 * h + 10 * (q + kv) + layout + 6 * i
     return forward, backward
 
 
-def lora_elements(arch: Architecture, method: MethodSpec) -> tuple[int, int]:
-    """(fp32 elements read plus written, dropout-mask elements drawn) per position and block by
-    the fused LoRA branches (train/fused_lora.py): per adapted linear, the rank-r products read
-    the input and write the output; the scaled branch is added to the base output; backward
-    reads both again and adds its input gradient to the base one; a dropout mask is drawn and
-    applied to the input (forward, for A's gradient, and to the input gradient)."""
+@dataclass(frozen=True)
+class LoraWork:
+    """Per position and block, what the fused LoRA branches (train/fused_lora.py) do beyond the
+    base linears: rank-r matmul FLOPs, elementwise fp32 elements (scaling, the branch added to
+    the base output, its input gradient added to the base one), dropout-mask elements drawn,
+    and masked_fill elements (the input masked forward and again for A's gradient, the input
+    gradient masked)."""
+
+    flops: int = 0
+    elements: int = 0
+    drawn: int = 0
+    filled: int = 0
+
+
+def lora_work(arch: Architecture, method: MethodSpec) -> LoraWork:
+    """The LoRA branches' work per position and block (none for other methods)."""
     if not method.lora_like:
-        return 0, 0
-    elements = drawn = 0
+        return LoraWork()
+    flops = elements = drawn = 0
     for target in method.targets:
         n_in, n_out = arch.linears()[target]
-        elements += n_in * 6 + n_out * 10
-        if method.dropout:
-            elements += n_in * 7  # three masked copies (2 each) and the mask bytes read
-            drawn += n_in
-    return elements, drawn
+        flops += 6 * method.r * (n_in + n_out)  # x A, h B; grads of A, B, h and x
+        elements += 3 * n_in + 7 * n_out
+        drawn += n_in if method.dropout else 0
+    return LoraWork(flops, elements, drawn, 3 * drawn)
 
 
 def micro_batch_seconds(
-    arch: Architecture, method: MethodSpec, work: Workload, batch: Batch, machine: Machine
+    arch: Architecture, method: MethodSpec, work: Workload, batch: Batch, m: Machine
 ) -> dict[str, float]:
     """Seconds of one micro-batch's forward and backward, by part."""
     flops = gemm_flops(arch, method, work, batch)
     on_path_attention, forward_attention = attention_flops(arch, method, work, batch)
-    packed = is_packed(method, work)
-    masked = "" if packed else "masked_"
+    masked = "" if is_packed(method, work) else "masked_"
     tokens = positions(method, work, batch)
     on_path, trainable = path_layers(arch, method)
-    forward, backward = block_elements(arch, packed)
+    forward, backward = block_elements(arch, is_packed(method, work))
     reruns = on_path if work.gradient_checkpointing else 0
     elements = (arch.layers + reruns) * forward + on_path * backward + trainable * 8 * arch.hidden
-    lora, drawn = lora_elements(arch, method)
-    elements = tokens * (elements + on_path * lora)
+    lora = lora_work(arch, method)
+    silu = (arch.layers + reruns + 2 * on_path) * arch.intermediate
     logits = head_positions(method, work, batch) * arch.vocab * LOSS_PASSES
     chunks = math.ceil(sum(n for _, n in batch) / max(work.loss_chunk_tokens, 1))
+    branches = on_path * len(method.targets) if method.lora_like else 0
+    branch_ops = LORA_OPS + (LORA_DROPOUT_OPS if method.dropout else 0)
+    ops = op_count(arch, method, work, batch) - branches * branch_ops + chunks * CHUNK_OPS
+    ops += reruns * FORWARD_BLOCK_OPS
     return {
-        "matmuls": flops["forward"] / machine.rate("matmul_flops")
-        + flops["input grads"] / machine.rate("dgrad_flops")
-        + flops["weight grads"] / machine.rate("wgrad_flops"),
-        "attention": on_path_attention / machine.rate(f"{masked}attention_flops")
-        + forward_attention / machine.rate(f"{masked}attention_forward_flops"),
-        "memory-bound passes": elements * FP32 / machine.rate("act_bandwidth"),
-        "loss logits": logits * FP32 / machine.bandwidth,
-        "dropout masks": tokens * on_path * drawn / (machine.mask_rate or machine.bandwidth / FP32),
-        "op overhead": machine.op_overhead_s
-        * (op_count(arch, method, work, batch) + reruns * BLOCK_OPS // 3 + chunks * CHUNK_OPS),
+        "matmuls": flops["forward"] / m.rate("matmul_flops")
+        + flops["input grads"] / m.rate("dgrad_flops")
+        + flops["weight grads"] / m.rate("wgrad_flops"),
+        "LoRA matmuls": tokens * on_path * lora.flops / m.rate("lora_flops"),
+        "attention": on_path_attention / m.rate(f"{masked}attention_flops")
+        + forward_attention / m.rate(f"{masked}attention_forward_flops"),
+        "memory-bound passes": tokens * (elements + on_path * lora.elements) * FP32 / m.bandwidth
+        + tokens * silu / m.rate("silu_rate"),
+        "dropout masks": tokens * on_path * lora.drawn / m.rate("mask_rate")
+        + tokens * on_path * lora.filled / m.rate("masked_fill_rate"),
+        "loss logits": logits * FP32 / m.bandwidth,
+        "op overhead": ops * m.op_overhead_s
+        + branches * (m.lora_branch_s or branch_ops * m.op_overhead_s),
     }
 
 
