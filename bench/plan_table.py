@@ -236,6 +236,7 @@ def markdown(state: dict[str, Any]) -> str:
 
 
 def save(state: dict[str, Any], path: Path) -> str:
+    """Write the JSON and the markdown beside it; returns the markdown."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(state, indent=1))
     table = markdown(state)
@@ -244,6 +245,7 @@ def save(state: dict[str, Any], path: Path) -> str:
 
 
 def main(argv: list[str]) -> int:
+    """Run the selected rows (or the child's prediction, or only the report)."""
     args = parse_args(argv)
     if args.predict:
         print(json.dumps(predict(args.predict)))

@@ -319,6 +319,21 @@ class MemoryPlan:
         return max(self.items, key=self.items.__getitem__)
 
 
+def allocator_slack(items: dict[str, int]) -> int:
+    """Resident bytes beyond the live set, from the other items of a training peak.
+
+    A forward's transients (RoPE's, RMSNorm's, the masked copies) are freed between tensors that
+    stay saved, and glibc's heap keeps those holes for allocations of other sizes; rows change
+    length every step, so the next step's tensors fit them badly. Traced on the embedded model
+    (LoRA, 4 x 256): the first forward grows RSS by 1.4x its activations, later ones by 1.7x
+    even with the heap trimmed between steps; loading leaves ~0.1 GB behind. Both are measured
+    proportions, not derived (docs/plan.md).
+    """
+    acts = items["activations"]
+    own = sum(v for k, v in items.items() if k not in ("base process", "activations"))
+    return int(ALLOCATOR_SLACK * own + HEAP_HOLES * acts)
+
+
 def memory_plan(
     arch: Architecture, method: MethodSpec, work: Workload, base_bytes: int = 0
 ) -> MemoryPlan:
@@ -357,14 +372,7 @@ def memory_plan(
         "loss": loss,
         "backward working set": working,
     }
-    # Peak RSS is more than the live set: a forward's transients (RoPE's, RMSNorm's, the masked
-    # copies) are freed between tensors that stay saved, and glibc's heap keeps those holes for
-    # allocations of other sizes; rows change length every step, so the next step's tensors fit
-    # them badly. Traced on the embedded model (LoRA, 4 x 256): the first forward grows RSS by
-    # 1.4x its activations, later ones by 1.7x even with the heap trimmed between steps; loading
-    # leaves ~0.1 GB behind. Both are measured proportions, not derived (docs/plan.md).
-    own = sum(v for k, v in items.items() if k not in ("base process", "activations"))
-    items["allocator slack"] = int(ALLOCATOR_SLACK * own + HEAP_HOLES * acts)
+    items["allocator slack"] = allocator_slack(items)
     training = sum(items.values())
     # Loading a checkpoint stored in bf16 into fp32 holds the stored copy while converting.
     stored = counts["total"] * 2 if work.weight_bytes == FP32 else 0
