@@ -89,8 +89,12 @@ def format_plan(plan) -> str:
     lines += [
         "",
         f"time (this machine: {m.matmul_flops / 1e9:.0f} GFLOP/s matmul, "
+        f"{m.rate('attention_flops') / 1e9:.0f} GFLOP/s attention, "
         f"{m.bandwidth / 1e9:.1f} GB/s; calibration cached):",
-        f"  per step  {t.step_s:.2f} s  ({t.flops_per_step / 1e12:.2f} TFLOP)",
+        f"  per step  {t.step_s:.2f} s  ({t.flops_per_step / 1e12:.2f} TFLOP), of which",
+    ]
+    lines += [f"    {name:<26}{seconds:7.2f} s" for name, seconds in t.items.items()]
+    lines += [
         f"  per epoch {_duration(t.epoch_s)}  ({t.steps_per_epoch} steps)",
         f"  run       {_duration(t.total_s)}  ({t.total_steps} steps)",
     ]

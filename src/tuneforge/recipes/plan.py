@@ -18,16 +18,16 @@ from tuneforge.errors import ModelError, PlanError
 from tuneforge.models import load_tokenizer, model_config, tokenizer_dir
 from tuneforge.train.estimate import (
     Architecture,
-    Machine,
     MemoryPlan,
     MethodSpec,
-    TimePlan,
     Workload,
+    is_packed,
     memory_plan,
     method_spec,
-    time_plan,
+    positions,
 )
 from tuneforge.train.order import micro_batches_per_epoch, total_steps_for
+from tuneforge.train.timing import Machine, TimePlan, time_plan
 
 GB = 1024**3
 NO_PACKING = ("gpt2", "gpt_neo", "gptj", "bloom")  # attend across packed examples (fastpath)
@@ -135,13 +135,15 @@ def estimate(
     work = workload(cfg, data, arch, spec)
     base = current_rss_bytes()
     memory = memory_plan(arch, spec, work, base)
-    mean_tokens = sum(work.tokens(b) for b in work.batches) // len(work.batches)
+    tokens, example = typical_shapes(spec, work)
     machine = calibrate(
-        arch.hidden,
-        arch.intermediate,
-        mean_tokens,
+        arch,
+        tokens,
+        example,
+        threads=training_threads(cfg.train.num_threads),
         seconds=calibrate_seconds,
         refresh=fresh_calibration,
+        lora=(spec.r, 0.1 if spec.dropout else 0.0) if spec.lora_like else None,
     )
     timing = time_plan(arch, spec, work, machine)
     source = "--memory" if budget_bytes is not None else "available"
@@ -151,6 +153,29 @@ def estimate(
     if not result.fits and with_suggestions:
         result.suggestions = suggest(result)
     return result
+
+
+def typical_shapes(spec: MethodSpec, work: Workload) -> tuple[int, int]:
+    """(positions of the mean micro-batch, tokens of its mean attention call: an example when
+    packed, a padded row otherwise): the shapes the calibration measures at."""
+    n = len(work.batches)
+    tokens = sum(positions(spec, work, b) for b in work.batches) // n
+    if is_packed(spec, work):
+        return tokens, int(sum(work.tokens(b) / len(b) for b in work.batches) / n)
+    return tokens, sum(positions(spec, work, b) // len(b) for b in work.batches) // n
+
+
+def training_threads(num_threads: int | None) -> int:
+    """The torch threads `tuneforge train` will use (train/fastpath.py: set_threads)."""
+    import os
+
+    import torch
+
+    from tuneforge.train.fastpath import auto_num_threads
+
+    if num_threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    return num_threads or auto_num_threads()
 
 
 def _candidates(plan: Plan) -> list[tuple[list[str], str, Callable]]:

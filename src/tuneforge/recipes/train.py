@@ -337,11 +337,13 @@ def predicted_vs_measured(
     plan: Plan | None, peak_mb: float, step_ends: list[float], cfg: RunConfig
 ) -> dict[str, Any] | None:
     """The plan's peak memory and step time beside what the run measured (median step, so
-    that steps carrying an evaluation or a checkpoint do not count), for summary.json."""
+    that steps carrying an evaluation or a checkpoint do not count; the first step, which
+    also sets up kernels and the allocator, left out when at least three were logged)."""
     if plan is None:
         return None
     starts = [0.0, *step_ends[:-1]] if step_ends else []  # a resume may run no step here
     steps = [b - a for a, b in zip(starts, step_ends, strict=True)]
+    steps = steps[1:] if len(steps) >= 3 else steps
     every = cfg.train.log_every_steps
     step_s = statistics.median(steps) / every if steps else None
     predicted_mb = plan.memory.peak_bytes / 2**20
@@ -353,6 +355,7 @@ def predicted_vs_measured(
         "measured_step_s": round(step_s, 3) if step_s else None,
         "step_ratio": round(step_s / plan.time.step_s, 3) if step_s else None,
         "memory_items_mb": {k: round(v / 2**20, 1) for k, v in plan.memory.items.items()},
+        "time_items_s": {k: round(v, 4) for k, v in plan.time.items.items()},
         "calibration": {
             "matmul_gflops": round(plan.machine.matmul_flops / 1e9, 1),
             "bandwidth_gb_s": round(plan.machine.bandwidth / 1e9, 2),

@@ -1,20 +1,20 @@
-"""Predict a training run's peak memory and time from the model's config.json numbers and the
-data's token lengths: pure arithmetic on what the loop, loss, fast path and packing really keep.
+"""Predict a training run's peak memory from the model's config.json numbers and the data's
+token lengths: pure arithmetic on what the loop, loss, fast path and packing really keep.
 
-No weights are loaded and nothing is measured here; the machine's matmul speed and base memory
-come from train/calibrate.py, and reading the config and data is recipes/plan.py's job.
+Time is train/timing.py (on these same shapes); nothing is measured here: the base memory comes
+from train/calibrate.py, and reading the config and data is recipes/plan.py's job.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 FP32 = 4
 ADAM_STATES = 2  # AdamW keeps exp_avg and exp_avg_sq, fp32, per trainable parameter
-ALLOCATOR_SLACK = 0.10  # of the run's own bytes; fitted to two measured runs (docs/plan.md)
+ALLOCATOR_SLACK = 0.10  # of the run's own bytes besides activations (docs/plan.md)
+HEAP_HOLES = 0.60  # of the activations: freed transients glibc cannot reuse (docs/plan.md)
 PY_INT_BYTES = 44  # a tokenised id in a Python list: the int object plus the list's pointer
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -220,8 +220,9 @@ def _block_saved(
     return elements, inputs if method.dropout else 0
 
 
-def _path_layers(arch: Architecture, method: MethodSpec) -> tuple[int, int]:
-    """(blocks on the gradient path, of which fully trainable)."""
+def path_layers(arch: Architecture, method: MethodSpec) -> tuple[int, int]:
+    """(blocks on the gradient path, of which fully trainable): backward runs through the
+    first, and computes weight gradients in the second."""
     if method.name == "full":
         return arch.layers, arch.layers
     if method.name == "freeze":
@@ -243,13 +244,26 @@ def _mask_path_extra(arch: Architecture, method: MethodSpec, work: Workload, bat
     return len(batch) * per_row * FP32
 
 
+def is_packed(method: MethodSpec, work: Workload) -> bool:
+    """Whether the micro-batch runs as one packed row (else padded rows with a mask)."""
+    return work.packing and not method.prompt_learning
+
+
+def positions(method: MethodSpec, work: Workload, batch: Batch) -> int:
+    """Positions the decoder runs: packed, the examples' sum; padded, rows x the longest;
+    prompt tuning's and P-tuning's virtual tokens are rows of the input too."""
+    packed = is_packed(method, work)
+    tokens = work.tokens(batch) if packed else len(batch) * max(n for n, _ in batch)
+    if method.name in ("prompt", "ptuning"):
+        tokens += method.virtual_tokens * len(batch)
+    return tokens
+
+
 def activation_bytes(arch: Architecture, method: MethodSpec, work: Workload, batch: Batch) -> int:
     """Bytes autograd keeps through one micro-batch's forward (the decoder blocks)."""
-    packed = work.packing and not method.prompt_learning
-    tokens = work.tokens(batch) if packed else len(batch) * max(n for n, _ in batch)
-    if method.name in ("prompt", "ptuning"):  # virtual tokens are rows of the input
-        tokens += method.virtual_tokens * len(batch)
-    on_path, trainable = _path_layers(arch, method)
+    packed = is_packed(method, work)
+    tokens = positions(method, work, batch)
+    on_path, trainable = path_layers(arch, method)
     full_elements, _ = _block_saved(arch, method, True, packed)
     elements, masks = _block_saved(arch, method, False, packed)
     extra = 0 if packed else _mask_path_extra(arch, method, work, batch)
@@ -270,6 +284,7 @@ def _lora_weight_copies(arch: Architecture, method: MethodSpec) -> int:
 
 
 def head_trains(method: MethodSpec, arch: Architecture) -> bool:
+    """Whether the output head (or the tied embedding) is among the trained weights."""
     return method.name == "full" or (method.name == "freeze" and method.head_trainable)
 
 
@@ -301,6 +316,21 @@ class MemoryPlan:
     @property
     def biggest(self) -> str:
         return max(self.items, key=self.items.__getitem__)
+
+
+def allocator_slack(items: dict[str, int]) -> int:
+    """Resident bytes beyond the live set, from the other items of a training peak.
+
+    A forward's transients (RoPE's, RMSNorm's, the masked copies) are freed between tensors that
+    stay saved, and glibc's heap keeps those holes for allocations of other sizes; rows change
+    length every step, so the next step's tensors fit them badly. Traced on the embedded model
+    (LoRA, 4 x 256): the first forward grows RSS by 1.4x its activations, later ones by 1.7x
+    even with the heap trimmed between steps; loading leaves ~0.1 GB behind. Both are measured
+    proportions, not derived (docs/plan.md).
+    """
+    acts = items["activations"]
+    own = sum(v for k, v in items.items() if k not in ("base process", "activations"))
+    return int(ALLOCATOR_SLACK * own + HEAP_HOLES * acts)
 
 
 def memory_plan(
@@ -341,12 +371,7 @@ def memory_plan(
         "loss": loss,
         "backward working set": working,
     }
-    # Freed activations stay in glibc's heap between steps of different lengths, and loading
-    # leaves ~0.1 GB behind: 10 % of what the run itself holds, measured on the embedded model
-    # (LoRA and full at 4 x 256: docs/plan.md) -- a measured slack, not derived.
-    items["allocator slack"] = int(
-        ALLOCATOR_SLACK * sum(v for k, v in items.items() if k != "base process")
-    )
+    items["allocator slack"] = allocator_slack(items)
     training = sum(items.values())
     # Loading a checkpoint stored in bf16 into fp32 holds the stored copy while converting.
     stored = counts["total"] * 2 if work.weight_bytes == FP32 else 0
@@ -356,80 +381,6 @@ def memory_plan(
         items = {k: v for k, v in items.items() if k in keep} | {"bf16 copy while loading": stored}
         return MemoryPlan(items, loading, "loading", tuple(worst))
     return MemoryPlan(items, training, "training", tuple(worst))
-
-
-@dataclass(frozen=True)
-class Machine:
-    """This machine's speeds (train/calibrate.py measures them)."""
-
-    matmul_flops: float  # FLOP/s of a matmul at the model's shapes, in the compute dtype
-    bandwidth: float  # bytes/s of a large elementwise pass
-    op_overhead_s: float = 1.5e-3  # dispatch per block and micro-batch, forward plus backward
-
-
-def micro_batch_flops(
-    arch: Architecture, method: MethodSpec, work: Workload, batch: Batch
-) -> float:
-    """Matmul FLOPs of one micro-batch's forward and backward (the loss's head included).
-
-    Forward: 2 x tokens x each block's linear weights, causal attention 2 n^2 x q_dim per
-    block and example, the head at labelled positions only. Backward: input gradients through
-    every block on the gradient path (the forward's cost again), weight gradients for trainable
-    blocks (once more), flash attention's backward at 2.5x its forward; checkpointing reruns
-    the forward of the blocks on the path.
-    """
-    linears = arch.linears()
-    block_linear = 2 * sum(a * b for a, b in linears.values())
-    packed = work.packing and not method.prompt_learning
-    tokens = work.tokens(batch) if packed else len(batch) * max(n for n, _ in batch)
-    virtual = method.virtual_tokens if method.prompt_learning else 0
-    attention = sum(2 * (n + virtual) ** 2 * arch.q_dim for n, _ in batch)
-    labelled = sum(n for _, n in batch)
-    forward_block = tokens * block_linear + attention
-    on_path, trainable = _path_layers(arch, method)
-    backward = on_path * (tokens * block_linear + 2.5 * attention)
-    backward += trainable * tokens * block_linear
-    if method.lora_like:
-        lora = 2 * method.r * sum(linears[t][0] + linears[t][1] for t in method.targets)
-        backward += on_path * tokens * lora * 3
-    head = 2 * labelled * arch.vocab * arch.hidden
-    head_passes = 3 if head_trains(method, arch) else 2  # logits, grad of hidden, grad of head
-    recompute = on_path * forward_block if work.gradient_checkpointing else 0
-    return arch.layers * forward_block + backward + head * head_passes + recompute
-
-
-@dataclass
-class TimePlan:
-    step_s: float
-    steps_per_epoch: int
-    total_steps: int
-    flops_per_step: float
-
-    @property
-    def epoch_s(self) -> float:
-        return self.step_s * self.steps_per_epoch
-
-    @property
-    def total_s(self) -> float:
-        return self.step_s * self.total_steps
-
-
-def time_plan(arch: Architecture, method: MethodSpec, work: Workload, machine: Machine) -> TimePlan:
-    """Seconds per optimizer step (the epoch's average micro-batch x grad_accum), per epoch and
-    for the run: matmul FLOPs at the measured rate, elementwise traffic (activations written,
-    read back and their gradients: 4 passes) at the measured bandwidth, the optimizer's pass
-    over trainable weights, and a fixed dispatch cost per block."""
-    n = len(work.batches)
-    flops = sum(micro_batch_flops(arch, method, work, b) for b in work.batches) / n
-    acts = sum(activation_bytes(arch, method, work, b) for b in work.batches) / n
-    micro_s = flops / machine.matmul_flops + 4 * acts / machine.bandwidth
-    micro_s += arch.layers * machine.op_overhead_s
-    optimizer_s = 9 * trainable_parameters(arch, method) * FP32 / machine.bandwidth
-    step_s = work.grad_accum * micro_s + optimizer_s
-    per_epoch = max(1, math.ceil(n / work.grad_accum))
-    total_micro = work.total_micro_batches or n
-    total_steps = max(1, math.ceil(total_micro / work.grad_accum))
-    return TimePlan(step_s, per_epoch, total_steps, flops * work.grad_accum)
 
 
 def with_changes(work: Workload, **changes) -> Workload:
