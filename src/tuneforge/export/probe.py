@@ -110,9 +110,7 @@ class TorchBackend:
         if self._cached > prefix_len:
             self._cache.crop(prefix_len - self._cached)
         with self.torch.no_grad():
-            out = self.model(
-                input_ids=self.torch.tensor([ids]), cache=self._cache, use_cache=True
-            )
+            out = self.model(input_ids=self.torch.tensor([ids]), cache=self._cache, use_cache=True)
         self._cache, self._cached = out.cache, prefix_len + len(ids)
         return out.logits[0].float().numpy()
 
