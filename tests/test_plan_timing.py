@@ -196,3 +196,19 @@ def test_calibration_is_measured_once_and_cached(monkeypatch, tmp_path):
         calibration.calibrate(arch, 100, 20, threads=1, refresh=True, lora=(4, 0.1))
     with pytest.raises(AssertionError, match="measured again"):
         calibration.calibrate(arch, 3000, 20, threads=1)  # another shape
+
+
+def test_calibration_leaves_the_random_stream_alone():
+    """`train` plans (and may calibrate) before it trains: the calibration's masks and
+    activations must not shift the run's dropout and data order (a cache miss once made a
+    one-process run differ from the same run under DDP, which hit the cache)."""
+    arch = Architecture(
+        hidden=8, intermediate=16, layers=2, heads=2, kv_heads=1, head_dim=4, vocab=10, tied=False
+    )
+    torch.manual_seed(7)
+    calibration.measure(
+        arch, tokens=64, example=32, dtype=torch.float32, seconds=0.05, lora=(2, 0.1)
+    )
+    after = torch.rand(4)
+    torch.manual_seed(7)
+    assert torch.equal(after, torch.rand(4))

@@ -221,14 +221,17 @@ def measure(
     1024: the rate is flat beyond), attention over `example`-token examples, passes over a
     tokens x hidden activation; with `lora` (rank, dropout), its branches too."""
     m, n = _bucket(tokens, 64, 1024), _bucket(example, 32, 512)
-    with torch.no_grad():
-        gemm = gemm_rates(arch, m, dtype, seconds * 0.4)
+    # The masks and activations drawn here must not move the run's random stream: `train` plans
+    # first, so a calibration (but not a cache hit) would change its dropout and data order.
+    with torch.random.fork_rng(devices=[]):
+        with torch.no_grad():
+            gemm = gemm_rates(arch, m, dtype, seconds * 0.4)
+            if lora:
+                gemm["lora_flops"] = lora_rate(arch, m, lora[0], dtype, seconds * 0.1)
+        attention = attention_rates(arch, n, dtype, seconds * 0.25)
+        passes = pass_rates(arch.hidden, _bucket(tokens, 64, 16384), seconds * 0.2)
         if lora:
-            gemm["lora_flops"] = lora_rate(arch, m, lora[0], dtype, seconds * 0.1)
-    attention = attention_rates(arch, n, dtype, seconds * 0.25)
-    passes = pass_rates(arch.hidden, _bucket(tokens, 64, 16384), seconds * 0.2)
-    if lora:
-        passes["lora_branch_s"] = branch_seconds(lora[1], seconds * 0.05)
+            passes["lora_branch_s"] = branch_seconds(lora[1], seconds * 0.05)
     return Machine(**gemm, **attention, **passes)
 
 
