@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from tuneforge.train.attention import packed_sdpa_forward, segment_lengths
+from tuneforge.train.attention import (
+    packed_sdpa_forward,
+    register_attention,
+    sdpa_mask,
+    segment_lengths,
+)
 
 PREFIX_ATTENTION = "tuneforge_prefix_sdpa"
 
@@ -63,26 +68,11 @@ def _prefix_mask(
 ):
     """No mask for one row without padding (the position ids and the cache say everything),
     else transformers' SDPA mask."""
-    from transformers.masking_utils import sdpa_mask
-
     if batch_size == 1 and attention_mask is None:
         return None
-    return sdpa_mask(
-        batch_size,
-        q_length,
-        kv_length,
-        q_offset=q_offset,
-        kv_offset=kv_offset,
-        attention_mask=attention_mask,
-        **kwargs,
-    )
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, **kwargs)
 
 
 def register_prefix_attention() -> str:
     """Make `PREFIX_ATTENTION` a valid `attn_implementation` (idempotent); returns the name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(PREFIX_ATTENTION, prefix_packed_sdpa_forward)
-    AttentionMaskInterface.register(PREFIX_ATTENTION, _prefix_mask)
-    return PREFIX_ATTENTION
+    return register_attention(PREFIX_ATTENTION, prefix_packed_sdpa_forward, _prefix_mask)

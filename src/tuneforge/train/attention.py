@@ -99,33 +99,44 @@ def packed_sdpa_forward(
     return torch.cat(outs, dim=1), None
 
 
-def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
-    """transformers' SDPA mask, except for one row without padding or cache: there the position
-    ids say everything (packed examples, or one causal sequence) and no T x T mask is built."""
-    from transformers.masking_utils import sdpa_mask
+def sdpa_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kw):
+    """transformers' own SDPA mask (the fallback of every mask function registered here)."""
+    from transformers.masking_utils import sdpa_mask as transformers_sdpa_mask
 
-    one_row = batch_size == 1 and attention_mask is None and q_length == kv_length
-    if one_row and not q_offset and not kv_offset:
-        return None
-    return sdpa_mask(
+    return transformers_sdpa_mask(
         batch_size,
         q_length,
         kv_length,
         q_offset=q_offset,
         kv_offset=kv_offset,
         attention_mask=attention_mask,
-        **kwargs,
+        **kw,
     )
+
+
+def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """transformers' SDPA mask, except for one row without padding or cache: there the position
+    ids say everything (packed examples, or one causal sequence) and no T x T mask is built."""
+    one_row = batch_size == 1 and attention_mask is None and q_length == kv_length
+    if one_row and not q_offset and not kv_offset:
+        return None
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, **kwargs)
+
+
+def register_attention(name: str, forward, mask) -> str:
+    """Make `name` a valid `attn_implementation` with this kernel and mask function
+    (idempotent); returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, mask)
+    return name
 
 
 def register() -> str:
     """Make `ATTENTION_NAME` a valid `attn_implementation` (idempotent); returns the name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(ATTENTION_NAME, packed_sdpa_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, _mask)
-    return ATTENTION_NAME
+    return register_attention(ATTENTION_NAME, packed_sdpa_forward, _mask)
 
 
 def use_packed_sdpa(model: torch.nn.Module) -> bool:
