@@ -150,7 +150,7 @@ def _read_upstream_key(path: Path) -> str:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(
-            f"--upstream-key-file: cannot read {path} ({e.__class__.__name__})"
+            f"--upstream-key-file: cannot read {path}: {e.__class__.__name__}"
         ) from None
     keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not keys:
