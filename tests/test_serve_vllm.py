@@ -356,6 +356,44 @@ def test_an_upstream_that_goes_down_is_a_503_and_the_server_keeps_serving(runs, 
     assert [r.status for r in sink.read()][:2] == [503, 503]
 
 
+def test_the_cli_fronts_an_upstream_and_stops_cleanly(runs, standin, refs, tmp_path):
+    """`tuneforge serve RUN --engine vllm --upstream URL` as a process: it answers, then exits 0."""
+    (tmp_path / "keys").write_text(KEY + "\n")
+    (tmp_path / "upstream-key").write_text("# the stand-in's\n" + UPSTREAM_KEY + "\n")
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "tuneforge.cli", "serve", str(runs[0]), "--engine", "vllm",
+        "--upstream", standin.url, "--upstream-key-file", str(tmp_path / "upstream-key"),
+        "--api-key-file", str(tmp_path / "keys"), "--port", str(port),
+        "--db", f"sqlite:///{tmp_path / 'feedback.sqlite'}",  # not beside the shared run
+    ]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                return httpx.get(url + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, timeout_s=90)
+        body = {"model": "tiny-a", "messages": [{"role": "user", "content": PROMPTS[0]}]}
+        r = httpx.post(url + "/v1/chat/completions", json=body | {"max_tokens": 24, "temperature": 0},
+                       headers=AUTH, timeout=60)  # fmt: skip
+        assert r.status_code == 200, r.text
+        expected = generate(refs["tiny-a"], PROMPTS[0], max_new_tokens=24)
+        assert r.json()["choices"][0]["message"]["content"] == expected
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    assert server.returncode == 0, log.read_text()[-3000:]
+    assert "vllm engine" in log.read_text() and "Traceback" not in log.read_text()
+
+
 def test_a_full_engine_answers_queue_full(runs, standin):
     engine = VllmEngine.open(
         runs[0], upstream=standin.url, upstream_key=UPSTREAM_KEY, max_batch=1, max_queue=1

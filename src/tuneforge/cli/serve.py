@@ -65,7 +65,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="with --engine vllm: an OpenAI-compatible server already running (vLLM, or a load "
         "balancer before several) that gets the token ids; no vLLM is started here",
     )
-    p.add_argument("--upstream-key-file", help="the key --upstream wants (its first line)")
+    p.add_argument(
+        "--upstream-key-file", metavar="FILE", help="the key --upstream wants (its first line)"
+    )
     p.add_argument(
         "--vllm-args",
         default="",
@@ -77,7 +79,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--vllm-start-timeout",
         type=float,
         default=600.0,
-        help="seconds to wait for the vLLM started here to answer /health",
+        metavar="SECONDS",
+        help="how long the vLLM started here may take to answer /health (default: 600)",
     )
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:N]")
