@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check, one short script (budget: under 8 minutes on one H200): install what is missing,
-# run the GPU tests (pytest -m gpu) and the benchmark on CUDA side by side with HF Trainer + peft,
-# and write everything to $OUT. Run from anywhere: `OUT=/some/dir bash bench/gpu_check.sh`.
+# The GPU check, one short script (budget: under 8 minutes on one H200; 5 more where vllm is
+# installed): install what is missing, run the GPU tests (pytest -m gpu) and the benchmark on CUDA
+# side by side with HF Trainer + peft, and write everything to $OUT.
+# Run from anywhere: `OUT=/some/dir bash bench/gpu_check.sh`.
 #
 # Wheels: `.whl/` at the repository root (if present) is searched first; with GPU_CHECK_OFFLINE=1
 # (a machine that reaches no package index) it is the only source. Put there
@@ -60,6 +61,16 @@ stage install 120 bash "$0" --install
 # --- 2. the GPU tests ----------------------------------------------------------------------
 stage gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gpu.py \
   --junitxml="$OUT/gpu_tests.xml"
+
+# --- 2b. `serve --engine vllm` against a real vLLM: greedy answers equal the transformers engine's.
+# Only where vllm already imports with CUDA: vllm pins its own torch, so this script never installs it.
+if "$PY" -c 'import vllm, torch; assert torch.cuda.is_available()' > "$OUT/vllm_probe.log" 2>&1; then
+  stage vllm 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_serve_vllm.py \
+    -k real_vllm --junitxml="$OUT/vllm.xml"
+else
+  printf '%s\t%s\t%s\n' vllm "skipped: vllm does not import with CUDA (vllm_probe.log)" 0 >> "$STAGES"
+  echo "[gpu_check] vllm skipped: $(tail -n 1 "$OUT/vllm_probe.log")"
+fi
 
 # --- 3. the benchmark on CUDA, side by side with HF Trainer + peft (one repeat per side) ------
 stage bench 200 "$PY" bench/run.py --device cuda --rows main,full --steps 24 --repeats 1 \

@@ -151,6 +151,11 @@ def answer_text(tokenizer, ids: list[int], stop_ids, texts) -> str:
     return cut_at_text(tokenizer.decode(ids, skip_special_tokens=True), texts)
 
 
+def run_base_dir(run_dir: str | Path) -> Path:
+    """The base model directory an adapter run was trained on (read from its manifest)."""
+    return _base_dir(Path(run_dir), read_run(Path(run_dir))[1])
+
+
 def _base_dir(run_dir: Path, manifest: dict) -> Path:
     """The base model a run was trained on, from its manifest (resolved again if the cache moved)."""
     base = manifest.get("base_model")

@@ -11,6 +11,7 @@ import importlib.util
 import ipaddress
 import logging
 import re
+import shlex
 from pathlib import Path
 
 from tuneforge.constants import FEEDBACK_STORE_FILE
@@ -54,7 +55,32 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--engine",
         choices=("auto", "transformers", "llama.cpp", "vllm"),
         default="auto",
-        help="auto: llama.cpp for .gguf, transformers otherwise",
+        help="auto: llama.cpp for .gguf, transformers otherwise; vllm: starts vLLM's OpenAI server "
+        "on a merged export or HF dir (or a base + LoRA runs) and fronts it (pip install "
+        "'tuneforge[vllm]', CUDA GPU), or fronts --upstream",
+    )
+    p.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="with --engine vllm: an OpenAI-compatible server already running (vLLM, or a load "
+        "balancer before several) that gets the token ids; no vLLM is started here",
+    )
+    p.add_argument(
+        "--upstream-key-file", metavar="FILE", help="the key --upstream wants (its first line)"
+    )
+    p.add_argument(
+        "--vllm-args",
+        default="",
+        metavar="'ARGS'",
+        help="more arguments for the vLLM started here, as one string: "
+        "--vllm-args='--tensor-parallel-size 2 --gpu-memory-utilization 0.8'",
+    )
+    p.add_argument(
+        "--vllm-start-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long the vLLM started here may take to answer /health (default: 600)",
     )
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:N]")
@@ -80,6 +106,59 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag}: {value} is not between {low} and {high}")
     if not args.timeout > 0:
         raise UsageError(f"--timeout: {args.timeout} must be a positive number of seconds")
+    if not args.vllm_start_timeout > 0:
+        raise UsageError(
+            f"--vllm-start-timeout: {args.vllm_start_timeout} must be a positive number of seconds"
+        )
+
+
+def _check_vllm_flags(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """(the --upstream key, the --vllm-args list); UsageError for flags that do not fit together."""
+    if args.engine != "vllm":
+        for flag, value in (
+            ("--upstream", args.upstream),
+            ("--upstream-key-file", args.upstream_key_file),
+            ("--vllm-args", args.vllm_args),
+        ):
+            if value:
+                raise UsageError(f"{flag}: only with --engine vllm")
+        return None, []
+    if args.max_batch_tokens:
+        raise UsageError(
+            "--max-batch-tokens: vLLM schedules its own batches; pass "
+            "--vllm-args='--max-num-batched-tokens N' instead"
+        )
+    if args.upstream_key_file and not args.upstream:
+        raise UsageError(
+            "--upstream-key-file: only with --upstream (a vLLM started here gets its own key)"
+        )
+    try:
+        extra = shlex.split(args.vllm_args)
+    except ValueError as e:
+        raise UsageError(f"--vllm-args: {e}") from None
+    if extra and args.upstream:
+        raise UsageError(
+            "--vllm-args: no vLLM is started with --upstream; give them to the upstream"
+        )
+    if args.upstream:
+        from tuneforge.serve.engines.vllm_upstream import upstream_url
+
+        upstream_url(args.upstream)
+    key = _read_upstream_key(Path(args.upstream_key_file)) if args.upstream_key_file else None
+    return key, extra
+
+
+def _read_upstream_key(path: Path) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(
+            f"--upstream-key-file: cannot read {path}: {e.__class__.__name__}"
+        ) from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise UsageError(f"--upstream-key-file: {path} holds no key")
+    return keys[0]
 
 
 def _parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
@@ -161,18 +240,13 @@ def _device(name: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tuneforge.errors import ServeError
     from tuneforge.serve.auth import ApiKeys
 
     _check_numbers(args)
     _check_model(args.model)
     adapters = _parse_adapters(args.adapter)
+    upstream_key, vllm_args = _check_vllm_flags(args)
     keys = ApiKeys.from_file(args.api_key_file) if args.api_key_file else None
-    if args.engine == "vllm":
-        raise ServeError(
-            "--engine vllm: not built in this version; see docs/serving.md for running vLLM's "
-            "own OpenAI server on an export"
-        )
     if not _is_loopback(args.host) and keys is None:
         log.warning(
             "warning: %s is reachable from the network and no --api-key-file is set", args.host
@@ -198,14 +272,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_tokens=args.max_batch_tokens,
         max_queue=args.max_queue,
         threads=args.threads,
+        upstream=args.upstream,
+        upstream_key=upstream_key,
+        vllm_args=vllm_args,
+        vllm_start_timeout_s=args.vllm_start_timeout,
     )
-    sink, routers = _sink_and_routers(args, keys, _records_dir(args.model))
-    limits = Limits(
-        max_body_bytes=args.max_body_bytes,
-        max_tokens_cap=args.max_tokens_cap,
-        request_timeout_s=args.timeout,
-    )
-    app = create_app(engine, keys=keys, sink=sink, routers=routers, limits=limits)
-    names = ", ".join(engine.model_names())
-    log.info("serving %s (%s engine) on http://%s:%d/v1", names, engine.kind, args.host, args.port)
-    return run_server(app, host=args.host, port=args.port, grace_s=limits.shutdown_grace_s)
+    try:  # an engine may hold a child process (vLLM): never leave it behind on a failure here
+        sink, routers = _sink_and_routers(args, keys, _records_dir(args.model))
+        limits = Limits(
+            max_body_bytes=args.max_body_bytes,
+            max_tokens_cap=args.max_tokens_cap,
+            request_timeout_s=args.timeout,
+        )
+        app = create_app(engine, keys=keys, sink=sink, routers=routers, limits=limits)
+        names = ", ".join(engine.model_names())
+        log.info(
+            "serving %s (%s engine) on http://%s:%d/v1", names, engine.kind, args.host, args.port
+        )
+        return run_server(app, host=args.host, port=args.port, grace_s=limits.shutdown_grace_s)
+    except BaseException:
+        engine.shutdown(1.0)
+        raise

@@ -165,7 +165,7 @@ class Runner:
             return 503, f"The request did not finish within {limit:g} s; retry later."
         if event.message == "disconnected":
             return CLIENT_CLOSED, "client disconnected"
-        return 503, event.message
+        return event.status, event.message
 
     def _retry(self) -> dict[str, str]:
         return {"Retry-After": str(self.limits.retry_after_s)}

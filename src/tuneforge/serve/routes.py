@@ -36,7 +36,7 @@ from tuneforge.serve.schemas import (
 CHAT, COMPLETIONS, MODELS = "/v1/chat/completions", "/v1/completions", "/v1/models"
 GENERATION_ROUTES = (CHAT, COMPLETIONS)
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 502, 503)
 }
 SSE = {"text/event-stream": {"schema": {"type": "string"}}}
 
@@ -153,6 +153,11 @@ def openai_router(table: ModelTable, runner: Runner, limits: Limits) -> APIRoute
 
 def render(route: str, req: Any, engine: Engine) -> tuple[str, list[int], str]:
     """(prompt text, prompt ids, the request field holding the prompt)."""
+    if route == COMPLETIONS and isinstance(req.prompt, list):  # token ids, used as given
+        try:
+            return engine.decode_ids(req.model, req.prompt), list(req.prompt), "prompt"
+        except ValueError as e:
+            raise APIError(400, f"prompt: {e}", param="prompt", code="invalid_prompt") from e
     if route == COMPLETIONS:
         return req.prompt, engine.encode_text(req.model, req.prompt), "prompt"
     messages = [

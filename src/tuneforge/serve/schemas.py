@@ -15,6 +15,7 @@ MAX_STOP_CHARS = 256
 MAX_MESSAGES = 4096
 Name = Annotated[str, Field(min_length=1, max_length=256)]
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+TokenId = Annotated[int, Field(ge=0)]
 
 
 class _Strict(BaseModel):
@@ -108,7 +109,10 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(min_length=1)
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+        min_length=1,
+        description="the text, or its token ids (as OpenAI's API allows); one prompt per request",
+    )
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for text completions
     echo: Literal[False] = False
     logprobs: None = None
@@ -117,12 +121,15 @@ class CompletionRequest(_Sampling):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str:
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("one prompt per request")
-            return v[0]
-        return v
+    def _one_prompt(cls, v: str | list) -> str | list[int]:
+        """The one prompt: its text, or its token ids (a list of ints)."""
+        if isinstance(v, str) or (v and isinstance(v[0], int)):
+            return v
+        if len(v) != 1:
+            raise ValueError("one prompt per request")
+        if isinstance(v[0], list) and not v[0]:
+            raise ValueError("a token-id prompt needs at least one id")
+        return v[0]
 
     def token_budget(self) -> tuple[int | None, str]:
         return self.max_tokens, "max_tokens"

@@ -44,6 +44,16 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     message: str
+    status: int = 503  # what the client gets; 502 when an upstream server refused or broke
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
+    """A ValueError naming the first id outside 0..vocab_size-1 (a token-id prompt's check)."""
+    for i, token in enumerate(ids):
+        if not 0 <= token < vocab_size:
+            raise ValueError(
+                f"token id {token} (at {i}) is outside this model's vocabulary (0-{vocab_size - 1})"
+            )
 
 
 Event = Delta | Finished | Failed
@@ -88,6 +98,7 @@ class Engine(Protocol):
     def adapter_of(self, model: str) -> str | None: ...
     def render_chat(self, model: str, messages: list[dict]) -> tuple[str, list[int]]: ...
     def encode_text(self, model: str, text: str) -> list[int]: ...
+    def decode_ids(self, model: str, ids: list[int]) -> str: ...  # ValueError: not in the vocab
     def submit(self, job: Job) -> None: ...
     def queue_depth(self) -> int: ...
     def start(self) -> None: ...

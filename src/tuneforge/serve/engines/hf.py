@@ -21,7 +21,7 @@ import torch
 from tuneforge.errors import ServeError
 from tuneforge.loading import Loaded, is_run_dir, load_reference
 from tuneforge.models import load_tokenizer, weights_fingerprint
-from tuneforge.serve.engines.base import BatcherQueue, Job
+from tuneforge.serve.engines.base import BatcherQueue, Job, check_token_ids
 from tuneforge.serve.engines.decode import RowPlan, RunningBatch
 from tuneforge.serve.engines.scheduler import Scheduler
 from tuneforge.train.rundir import read_run
@@ -192,6 +192,13 @@ class TransformersEngine(BatcherQueue):
         served = self._served[model]
         with served.lock:
             return list(served.tokenizer(text)["input_ids"])
+
+    def decode_ids(self, model: str, ids: list[int]) -> str:
+        """A token-id prompt's text (what the record keeps); ValueError for an id the model lacks."""
+        check_token_ids(ids, self.model.get_input_embeddings().num_embeddings)
+        served = self._served[model]
+        with served.lock:
+            return served.tokenizer.decode(ids)
 
     def reload(self, ref: str | Path, name: str | None = None) -> str:
         """Swap in new weights without stopping: an adapter run is attached beside the old one and

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.errors import ServeError
-from tuneforge.serve.engines.base import Batcher, BatcherQueue, Finished, Job
+from tuneforge.serve.engines.base import Batcher, BatcherQueue, Finished, Job, check_token_ids
 from tuneforge.serve.engines.textstream import TextStream
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,10 @@ class LlamaCppEngine(BatcherQueue):
 
     def encode_text(self, model: str, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+    def decode_ids(self, model: str, ids: list[int]) -> str:
+        check_token_ids(ids, self.llm.n_vocab())
+        return self.llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
 
     def reload(self, ref: str | Path, name: str | None = None) -> str:
         """Load another GGUF here, then swap it in between two requests."""
