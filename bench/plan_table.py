@@ -37,11 +37,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--steps", type=int, default=5, help="optimizer steps a row (first not timed)")
     p.add_argument("--threads", type=int, default=None, help="train.num_threads (default: all)")
-    p.add_argument("--results", default=str(RESULTS / "plan_table.json"))
-    p.add_argument("--work-dir", default=str(ROOT / "runs" / "plan_table"))
+    p.add_argument(
+        "--model", default=MODEL, help="a built-in model name (default: the embedded one)"
+    )
+    p.add_argument("--results", help="default: bench/results/plan_table[-MODEL].json")
+    p.add_argument("--work-dir", help="default: runs/plan_table[/MODEL]")
     p.add_argument("--fresh", action="store_true", help="forget rows already in --results")
     p.add_argument("--list", action="store_true", help="print the selected row ids and stop")
     p.add_argument("--report-only", action="store_true", help="rewrite the markdown only")
+    p.add_argument(
+        "--repredict",
+        action="store_true",
+        help="predict the selected measured rows again (after a change to the plan), keeping "
+        "their measurements; the rows record when",
+    )
     p.add_argument("--predict", metavar="CONFIG", help=argparse.SUPPRESS)  # the child process
     return p.parse_args(argv)
 
@@ -78,7 +87,7 @@ def _render(tokenizer, reviews: list[tuple[str, str]]) -> tuple[dict, int]:
     return {"messages": messages}, len(ids)
 
 
-def table_data(max_length: int, rows: int, work: Path) -> Path:
+def table_data(model: str, max_length: int, rows: int, work: Path) -> Path:
     """`rows` rows of as many whole reviews as fit in `max_length` tokens (the shipped reviews
     repeated when they run out), so that every micro-batch is as long as the setting allows."""
     path = work / "data" / f"L{max_length}-n{rows}.jsonl"
@@ -86,7 +95,7 @@ def table_data(max_length: int, rows: int, work: Path) -> Path:
         return path
     from tuneforge.models import load_tokenizer, resolve_model_dir
 
-    tokenizer = load_tokenizer(resolve_model_dir(MODEL))
+    tokenizer = load_tokenizer(resolve_model_dir(model))
     pool, at, out = _reviews(work), 0, []
     while len(out) < rows:
         taken: list[tuple[str, str]] = []
@@ -104,15 +113,15 @@ def table_data(max_length: int, rows: int, work: Path) -> Path:
     return path
 
 
-def write_config(row: str, steps: int, threads: int | None, work: Path) -> Path:
+def write_config(model: str, row: str, steps: int, threads: int | None, work: Path) -> Path:
     """The row's run config: the method's defaults, no evaluation, checkpoint or report."""
     method, length, batch = row.split("-")
-    data = table_data(int(length), steps * int(batch), work)
+    data = table_data(model, int(length), steps * int(batch), work)
     train = {"max_steps": steps, "batch_size": int(batch), "seed": 0, "log_every_steps": 1}
     if threads:
         train["num_threads"] = threads
     config = {
-        "model": {"name": MODEL},
+        "model": {"name": model},
         "method": {"name": method},
         "data": {"train": str(data), "validation": None, "max_length": int(length)},
         "train": train,
@@ -173,7 +182,7 @@ def measured_steps(run_dir: Path) -> list[float]:
 
 def run_row(row: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Predict, then train; the measured peak and the median step after the first."""
-    config = write_config(row, args.steps, args.threads, work)
+    config = write_config(args.model, row, args.steps, args.threads, work)
     load = [os.getloadavg()[0]]
     planned = _child([__file__, "--predict", str(config)])
     if planned.returncode != 0:
@@ -206,10 +215,44 @@ def run_row(row: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return result
 
 
+def repredict(state: dict[str, Any], rows: list[str], args, work: Path, path: Path) -> int:
+    """Predict measured rows again with the current plan code (fresh calibration each row)."""
+    for row in rows:
+        r = state.get("rows", {}).get(row)
+        if not r or "failed" in r:
+            continue
+        planned = _child(
+            [
+                __file__,
+                "--predict",
+                str(write_config(args.model, row, args.steps, args.threads, work)),
+            ]
+        )
+        if planned.returncode != 0:
+            print(f"    {row}: plan failed: {planned.stderr[-600:]}", flush=True)
+            continue
+        before = r["predicted"]
+        r["predicted"] = json.loads(planned.stdout.strip().splitlines()[-1])
+        r["repredicted"] = {
+            "at": time.strftime("%Y-%m-%d %H:%M %Z"),
+            "load_avg": os.getloadavg()[0],
+            "step_s_before": before["step_s"],
+            "peak_mb_before": before["peak_mb"],
+        }
+        print(
+            f"    {row}: step {before['step_s']:.2f} -> {r['predicted']['step_s']:.2f} s "
+            f"(measured {r['measured_step_s']:.2f})",
+            flush=True,
+        )
+        save(state, path)
+    print(save(state, path))
+    return 0
+
+
 def markdown(state: dict[str, Any]) -> str:
     """The table for docs/plan.md, rows in the table's order, and the machine it ran on."""
     lines = [
-        f"Machine: {state['cpu']}, {state['threads']} torch threads, torch {state['torch']}; "
+        f"Model: {state.get('model', MODEL)}. Machine: {state['cpu']}, {state['threads']} torch threads, torch {state['torch']}; "
         f"measured GEMM rate {state.get('gemm_gflops', 0):.0f} GFLOP/s (fp32, the model's shapes); "
         f"{state['steps']} steps a row, the first not timed; started {state['started']}.",
         "",
@@ -225,13 +268,23 @@ def markdown(state: dict[str, Any]) -> str:
             lines.append(f"| {row} | {r['failed']} failed | | | | | | | | |")
             continue
         p = r["predicted"]
+        mark = " †" if "repredicted" in r else ""
         lines.append(
-            f"| {row} | {p['tokens_per_step']} | {p['peak_mb']:.0f} | {r['measured_peak_mb']:.0f} "
+            f"| {row}{mark} | {p['tokens_per_step']} | {p['peak_mb']:.0f} | {r['measured_peak_mb']:.0f} "
             f"| {r['measured_peak_mb'] / p['peak_mb']:.2f} | {p['step_s']:.2f} "
             f"| {r['measured_step_s']:.2f} | {r['measured_step_s'] / p['step_s']:.2f} "
             f"| {(r.get('train_time_plan') or {}).get('predicted_step_s', 0):.2f} "
             f"| {max(r['load_avg']):.1f} |"
         )
+    if any("repredicted" in r for r in state["rows"].values()):
+        when = sorted(
+            {r["repredicted"]["at"] for r in state["rows"].values() if "repredicted" in r}
+        )
+        lines += [
+            "",
+            f"† predicted again ({', '.join(when)}) by the current plan, calibrated afresh; "
+            "the measurements and train's own prediction are from the run above.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -250,7 +303,10 @@ def main(argv: list[str]) -> int:
     if args.predict:
         print(json.dumps(predict(args.predict)))
         return 0
-    rows, path, work = row_ids(args.only), Path(args.results), Path(args.work_dir)
+    suffix = "" if args.model == MODEL else f"-{args.model}"
+    path = Path(args.results or RESULTS / f"plan_table{suffix}.json")
+    work = Path(args.work_dir or ROOT / "runs" / "plan_table" / args.model.replace("/", "_"))
+    rows = row_ids(args.only)
     if args.list:
         print("\n".join(rows))
         return 0
@@ -258,13 +314,15 @@ def main(argv: list[str]) -> int:
     if args.report_only:
         print(save(state, path))
         return 0
+    if args.repredict:
+        return repredict(state, rows, args, work, path)
     import torch
 
     from tuneforge.train.calibrate import cpu_name
 
     state.setdefault("rows", {})
     state.setdefault("started", time.strftime("%Y-%m-%d %H:%M %Z"))
-    state.update(cpu=cpu_name(), torch=torch.__version__, steps=args.steps)
+    state.update(cpu=cpu_name(), torch=torch.__version__, steps=args.steps, model=args.model)
     omp = int(os.environ.get("OMP_NUM_THREADS") or 0)  # train keeps it (train/fastpath.py)
     state["threads"] = args.threads or omp or len(os.sched_getaffinity(0))
     for row in rows:

@@ -25,6 +25,10 @@ from tuneforge.train.estimate import Architecture
 from tuneforge.train.timing import ATTENTION_BACKWARD, Machine
 
 CALIBRATION_FILE = "calibration.json"
+#: The longest example the attention rate is measured at; longer ones are scaled by FLOPs. The
+#: kernel gets faster per FLOP with length (at 512 the rate predicted 1024-token steps 15-35 %
+#: slow), and one 1024-token case with backward costs ~0.1 s here.
+ATTENTION_MAX = 1024
 
 
 def current_rss_bytes() -> int:
@@ -220,7 +224,7 @@ def measure(
     """This machine's rates at the model's shapes: GEMMs over `tokens` positions (at most
     1024: the rate is flat beyond), attention over `example`-token examples, passes over a
     tokens x hidden activation; with `lora` (rank, dropout), its branches too."""
-    m, n = _bucket(tokens, 64, 1024), _bucket(example, 32, 512)
+    m, n = _bucket(tokens, 64, 1024), _bucket(example, 32, ATTENTION_MAX)
     # The masks and activations drawn here must not move the run's random stream: `train` plans
     # first, so a calibration (but not a cache hit) would change its dropout and data order.
     with torch.random.fork_rng(devices=[]):
@@ -255,7 +259,8 @@ def calibrate(
     """This machine's speeds at the model's shapes with `threads` torch threads (default: as
     now), measured once and cached (`refresh`: measured again now, and the cache updated);
     `lora` (rank, dropout) adds a LoRA method's branches."""
-    sizes = f"m{_bucket(tokens, 64, 1024)}n{_bucket(example, 32, 512)}a{_bucket(tokens, 64, 16384)}"
+    n = _bucket(example, 32, ATTENTION_MAX)
+    sizes = f"m{_bucket(tokens, 64, 1024)}n{n}a{_bucket(tokens, 64, 16384)}"
     before = torch.get_num_threads()
     threads = threads or before
     shape = f"{arch.hidden}x{arch.intermediate}x{arch.heads}x{arch.kv_heads}x{arch.head_dim}"
