@@ -116,7 +116,7 @@ def test_evaluate_examples_equals_reference(tiny_tokenizer, arch):
     model = build[arch](len(tiny_tokenizer)).eval()
     with packed_attention(model) as packable:
         assert packable or arch == "gpt2"
-    # batch size 3 over 7 rows: a pack budget of 768 tokens, and 3 + 3 + 1 padded rows
+    # batch size 3 over 7 rows: a pack budget of 1536 tokens, and 3 + 3 + 1 padded rows
     _check_against_reference(model, tiny_tokenizer, _examples(), LABELS, 3)
     _check_against_reference(model, tiny_tokenizer, _examples(), LABELS, 1, batch_tokens=150)
     _check_against_reference(model, tiny_tokenizer, _examples(ask=""), LABELS, 1)

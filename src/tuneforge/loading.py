@@ -69,11 +69,39 @@ def run_chat_template(ref: str | Path) -> str | None:
     return getattr(load_tokenizer(Path(ref) / "tokenizer", trust), "chat_template", None)
 
 
-def load_run(run_dir: str | Path, dtype: torch.dtype, device: str = "cpu") -> Loaded:
+def adapter_base_dir(ref: str | Path) -> Path | None:
+    """The base directory an adapter run puts its adapter on, when that base loads exactly as a
+    plain base reference does (no remote code); None for anything else."""
+    if not is_run_dir(ref) or not (Path(ref) / "adapter" / "adapter_config.json").is_file():
+        return None
+    if (Path(ref) / "model" / "config.json").is_file():
+        return None
+    config, manifest = read_run(Path(ref))
+    if _trusts_remote_code(config):
+        return None
+    return _base_dir(Path(ref), manifest)
+
+
+def _trusts_remote_code(config: dict) -> bool:
+    model_section = config.get("model")
+    return isinstance(model_section, dict) and model_section.get("trust_remote_code") is True
+
+
+def load_run(
+    run_dir: str | Path,
+    dtype: torch.dtype,
+    device: str = "cpu",
+    *,
+    base: torch.nn.Module | None = None,
+) -> Loaded:
+    """Load a run directory: its full model, or its adapter on its base model.
+
+    `base`: the adapter run's base model, already loaded (in `dtype`, on `device`, from
+    `adapter_base_dir(run_dir)`) and not loaded again; the adapter goes onto it in place.
+    """
     run_dir = Path(run_dir)
     config, manifest = read_run(run_dir)
-    model_section = config.get("model")
-    trust = isinstance(model_section, dict) and model_section.get("trust_remote_code") is True
+    trust = _trusts_remote_code(config)
     tokenizer = load_tokenizer(run_dir / "tokenizer", trust)
     if (run_dir / "model" / "config.json").is_file():
         model = load_model(run_dir / "model", dtype, trust_remote_code=trust)
@@ -90,7 +118,8 @@ def load_run(run_dir: str | Path, dtype: torch.dtype, device: str = "cpu") -> Lo
         )
     check_safetensors(adapter / "adapter_model.safetensors")
     base_dir = _base_dir(run_dir, manifest)
-    base = load_model(base_dir, dtype, trust_remote_code=trust)
+    if base is None:
+        base = load_model(base_dir, dtype, trust_remote_code=trust)
     method = run_method(config)
     try:
         model = method.load(base, str(adapter))  # the method knows its inference view

@@ -102,7 +102,7 @@ def _add_score_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tuneforge.evaluation.metrics import parse_metric_list
-    from tuneforge.evaluation.offline import evaluate_reference
+    from tuneforge.evaluation.offline import evaluate_reference, evaluate_run_and_base
     from tuneforge.loading import run_chat_template
     from tuneforge.reporting.tables import compare_table
 
@@ -110,15 +110,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.output:
         check_output_path(args.output, "--output")
     gen = {"max_new_tokens": args.max_new_tokens, "lang": args.lang, "zh_mode": args.zh_rouge}
+    common = (args.data, metrics, args.batch_size, args.limit)
     rows = {}
     if args.compare:  # the base sees the run's prompts: the run's template unless --template
         template = args.template or run_chat_template(args.model)
-        rows[f"base ({args.compare})"] = evaluate_reference(
-            args.compare, args.data, metrics, args.batch_size, args.limit, template=template, **gen
+        both = evaluate_run_and_base(args.model, args.compare, *common, template=template, **gen)
+        if both is not None:  # the run's own base: loaded once
+            rows[f"base ({args.compare})"], rows[str(args.model)] = both
+        else:
+            rows[f"base ({args.compare})"] = evaluate_reference(
+                args.compare, *common, template=template, **gen
+            )
+    if str(args.model) not in rows:
+        rows[str(args.model)] = evaluate_reference(
+            args.model, *common, template=args.template, **gen
         )
-    rows[str(args.model)] = evaluate_reference(
-        args.model, args.data, metrics, args.batch_size, args.limit, template=args.template, **gen
-    )
     if args.output:
         write_json_atomic(args.output, rows)
     print(compare_table(rows))

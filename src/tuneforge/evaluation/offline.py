@@ -5,9 +5,12 @@ Printing the numbers side by side is reporting/tables.py's job.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from tuneforge.loading import Loaded
 
 
 def evaluate_reference(
@@ -19,7 +22,7 @@ def evaluate_reference(
     *,
     template: str | None = None,
     **generation: Any,
-):
+) -> dict[str, Any]:
     """Load `ref` (run dir, HF dir, .gguf or built-in name) and evaluate it on `data`.
 
     Text metrics (bleu, chrf, rouge, exact_match) score greedy generations; `generation` holds
@@ -27,15 +30,62 @@ def evaluate_reference(
     (a run keeps its own): a built-in name, a jinja template, or the template of the run it is
     compared with, so that both see the same prompts.
     """
-    from tuneforge.data.formats import load_examples
-    from tuneforge.evaluation.runner import evaluate_file
-    from tuneforge.evaluation.validation import TEXT_METRICS, score_file_generations
     from tuneforge.loading import load_reference
 
-    load_examples(
-        data, "auto", on_bad_row="fail"
-    )  # a broken data file fails before the model loads
+    _check_data(data)
     loaded = load_reference(ref, template=template)
+    return evaluate_loaded(loaded, data, metrics, batch_size, limit, **generation)
+
+
+def evaluate_run_and_base(
+    run: str,
+    base_ref: str,
+    data: str,
+    metrics: list[str],
+    batch_size: int = 8,
+    limit: int | None = None,
+    *,
+    template: str | None = None,
+    **generation: Any,
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(the base's results, the run's) with the base model loaded once, or None where `base_ref`
+    is not the adapter run's own base (then each is `evaluate_reference`'s job).
+
+    The base is scored first, before the adapter goes onto it; the same numbers as loading it
+    twice. `template` is the base's chat template, as for `evaluate_reference`.
+    """
+    from tuneforge.loading import adapter_base_dir, load_reference, load_run
+    from tuneforge.models import resolve_dtype, resolve_model_dir
+
+    _check_data(data)
+    base_dir = adapter_base_dir(run)
+    if base_dir is None or resolve_model_dir(str(base_ref)).resolve() != base_dir.resolve():
+        return None
+    base = load_reference(base_ref, template=template)
+    base_out = evaluate_loaded(base, data, metrics, batch_size, limit, **generation)
+    loaded = load_run(run, resolve_dtype("auto"), base=base.model)
+    return base_out, evaluate_loaded(loaded, data, metrics, batch_size, limit, **generation)
+
+
+def _check_data(data: str) -> None:
+    """A broken data file fails before any model loads."""
+    from tuneforge.data.formats import load_examples
+
+    load_examples(data, "auto", on_bad_row="fail")
+
+
+def evaluate_loaded(
+    loaded: Loaded,
+    data: str,
+    metrics: list[str],
+    batch_size: int = 8,
+    limit: int | None = None,
+    **generation: Any,
+) -> dict[str, Any]:
+    """`evaluate_reference` on a model already loaded (its adapter folded in first)."""
+    from tuneforge.evaluation.runner import evaluate_file
+    from tuneforge.evaluation.validation import TEXT_METRICS, score_file_generations
+
     fold_adapters(loaded.model)
     rest = [m for m in metrics if m not in TEXT_METRICS]
     out = evaluate_file(
