@@ -282,7 +282,8 @@ def markdown(state: dict[str, Any]) -> str:
         )
         lines += [
             "",
-            f"† predicted again ({', '.join(when)}) by the current plan, calibrated afresh; "
+            f"† predicted again ({when[0]} to {when[-1]}) by the current plan, calibrated afresh "
+            "for each row; "
             "the measurements and train's own prediction are from the run above.",
         ]
     return "\n".join(lines) + "\n"
