@@ -26,6 +26,7 @@ from tuneforge.train.estimate import (
     memory_plan,
     method_spec,
     parameter_counts,
+    positions,
     trainable_parameters,
 )
 from tuneforge.train.fastpath import prepare_fast_path
@@ -92,7 +93,7 @@ def test_trainable_parameters_match_the_methods(options):
     assert trainable_parameters(arch, method_spec(options, arch)) == count_params(model)[0]
 
 
-def _saved_bytes(model, batch) -> int:
+def _saved_bytes(model, batch, positions_aligned: bool = True) -> int:
     """Bytes of every distinct non-parameter storage autograd saves in forward (and the loss)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -104,7 +105,7 @@ def _saved_bytes(model, batch) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        CausalLMLoss(model)(model, batch, 1.0)
+        CausalLMLoss(model, positions_aligned=positions_aligned)(model, batch, 1.0)
     return sum(seen.values())
 
 
@@ -144,9 +145,13 @@ def test_activation_arithmetic_matches_what_autograd_saves(options):
     )
     predicted = activation_bytes(arch, spec, work, sizes)
     labelled = sum(n for _, n in sizes)
-    # The chunk of logits is a transient inside the loss's forward, never saved.
-    predicted += loss_bytes(arch, spec, work, sizes) - min(512, labelled) * arch.vocab * 4
-    measured = _saved_bytes(model.train(), batch)
+    # The chunked loss: its chunk of logits is a transient inside the forward, never saved.
+    # Prompt learning's own loss: the full logits are a transient, their log-softmax is saved.
+    transient = min(512, labelled) * arch.vocab * 4
+    if spec.prompt_learning:
+        transient = positions(spec, work, sizes) * arch.vocab * 4
+    predicted += loss_bytes(arch, spec, work, sizes) - transient
+    measured = _saved_bytes(model.train(), batch, positions_aligned=not spec.prompt_learning)
     assert predicted == pytest.approx(measured, rel=0.03)
 
 

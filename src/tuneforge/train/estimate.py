@@ -290,7 +290,13 @@ def head_trains(method: MethodSpec, arch: Architecture) -> bool:
 
 def loss_bytes(arch: Architecture, method: MethodSpec, work: Workload, batch: Batch) -> int:
     """The chunked loss (train/loss.py): the gradient for the labelled hidden states it keeps,
-    the head's fp32 gradient when the head trains, and one chunk of fp32 logits at a time."""
+    the head's fp32 gradient when the head trains, and one chunk of fp32 logits at a time.
+
+    Prompt learning takes the model's own loss (train/loss.py's generic path): full-vocabulary
+    fp32 logits over every position, alive through the loss's forward, and their log-softmax,
+    which cross-entropy saves for the backward."""
+    if method.prompt_learning:
+        return 2 * positions(method, work, batch) * arch.vocab * FP32
     labelled = sum(n for _, n in batch)
     kept = labelled * arch.hidden * FP32
     if head_trains(method, arch):
