@@ -89,6 +89,37 @@ class Job:
             self._emit(event)
 
 
+class TokenizerFront:
+    """The tokenizer side of an engine whose `_served[model]` holds `.tokenizer` and `.lock`:
+    prompts rendered with the run's own chat template, text encoded, token-id prompts decoded."""
+
+    _served: dict
+
+    def vocab_size(self, model: str) -> int:
+        raise NotImplementedError
+
+    def render_chat(self, model: str, messages: list[dict]) -> tuple[str, list[int]]:
+        """(prompt text, prompt ids) with the run's own chat template, as training rendered it."""
+        from tuneforge.data.templates import render_prompt
+
+        served = self._served[model]
+        with served.lock:
+            ids = render_prompt(served.tokenizer, messages)
+            return served.tokenizer.decode(ids), ids
+
+    def encode_text(self, model: str, text: str) -> list[int]:
+        served = self._served[model]
+        with served.lock:
+            return list(served.tokenizer(text)["input_ids"])
+
+    def decode_ids(self, model: str, ids: list[int]) -> str:
+        """A token-id prompt's text (what the record keeps); ValueError for an id the model lacks."""
+        check_token_ids(ids, self.vocab_size(model))
+        served = self._served[model]
+        with served.lock:
+            return served.tokenizer.decode(ids)
+
+
 class Engine(Protocol):
     kind: str
     context_length: int

@@ -21,7 +21,7 @@ import torch
 from tuneforge.errors import ServeError
 from tuneforge.loading import Loaded, is_run_dir, load_reference
 from tuneforge.models import load_tokenizer, weights_fingerprint
-from tuneforge.serve.engines.base import BatcherQueue, Job, check_token_ids
+from tuneforge.serve.engines.base import BatcherQueue, Job, TokenizerFront
 from tuneforge.serve.engines.decode import RowPlan, RunningBatch
 from tuneforge.serve.engines.scheduler import Scheduler
 from tuneforge.train.rundir import read_run
@@ -94,7 +94,7 @@ def check_adapter_run(run_dir: Path, label: str) -> tuple[Path, dict]:
     return adapter, read_run(run_dir)[1]
 
 
-class TransformersEngine(BatcherQueue):
+class TransformersEngine(TokenizerFront, BatcherQueue):
     """Serves one loaded model and its adapters with continuous batching (scheduler.py): waiting
     requests join the running batch between decode steps, finished ones leave it at once."""
 
@@ -179,26 +179,8 @@ class TransformersEngine(BatcherQueue):
         served = self._served[model]
         return str(served.source) if served.adapter is not None else None
 
-    def render_chat(self, model: str, messages: list[dict]) -> tuple[str, list[int]]:
-        """(prompt text, prompt ids) with the run's own chat template, as training rendered it."""
-        from tuneforge.data.templates import render_prompt
-
-        served = self._served[model]
-        with served.lock:
-            ids = render_prompt(served.tokenizer, messages)
-            return served.tokenizer.decode(ids), ids
-
-    def encode_text(self, model: str, text: str) -> list[int]:
-        served = self._served[model]
-        with served.lock:
-            return list(served.tokenizer(text)["input_ids"])
-
-    def decode_ids(self, model: str, ids: list[int]) -> str:
-        """A token-id prompt's text (what the record keeps); ValueError for an id the model lacks."""
-        check_token_ids(ids, self.model.get_input_embeddings().num_embeddings)
-        served = self._served[model]
-        with served.lock:
-            return served.tokenizer.decode(ids)
+    def vocab_size(self, model: str) -> int:
+        return self.model.get_input_embeddings().num_embeddings
 
     def reload(self, ref: str | Path, name: str | None = None) -> str:
         """Swap in new weights without stopping: an adapter run is attached beside the old one and

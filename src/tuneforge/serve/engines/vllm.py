@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.errors import ServeError
-from tuneforge.serve.engines.base import Failed, Job, QueueFull, check_token_ids
+from tuneforge.serve.engines.base import Failed, Job, QueueFull, TokenizerFront
 from tuneforge.serve.engines.vllm_launch import (
     ServedName,
     VllmChild,
@@ -93,7 +93,7 @@ def load_served(inputs: VllmInputs) -> dict[str, Served]:
     return served
 
 
-class VllmEngine:
+class VllmEngine(TokenizerFront):
     """Forwards each job to the upstream at once; vLLM batches them. One asyncio loop (its own
     thread) holds every open upstream stream; a cancelled job's stream is closed within
     CANCEL_POLL_S, which aborts the request in vLLM."""
@@ -190,25 +190,8 @@ class VllmEngine:
         entry = self._served[model].entry
         return str(entry.source) if entry.adapter_dir is not None else None
 
-    def render_chat(self, model: str, messages: list[dict]) -> tuple[str, list[int]]:
-        """(prompt text, prompt ids) with the run's own chat template, as training rendered it."""
-        from tuneforge.data.templates import render_prompt
-
-        served = self._served[model]
-        with served.lock:
-            ids = render_prompt(served.tokenizer, messages)
-            return served.tokenizer.decode(ids), ids
-
-    def encode_text(self, model: str, text: str) -> list[int]:
-        served = self._served[model]
-        with served.lock:
-            return list(served.tokenizer(text)["input_ids"])
-
-    def decode_ids(self, model: str, ids: list[int]) -> str:
-        served = self._served[model]
-        check_token_ids(ids, served.vocab_size)
-        with served.lock:
-            return served.tokenizer.decode(ids)
+    def vocab_size(self, model: str) -> int:
+        return self._served[model].vocab_size
 
     def reload(self, ref: str | Path, name: str | None = None) -> str:
         raise ServeError(
