@@ -52,6 +52,15 @@ def perturb_adapter(run_dir: Path, seed: int, scale: float = 2.0) -> None:
     save_file(tensors, str(path))
 
 
+def two_distinct_runs(tmp: Path, model_dir: Path) -> tuple[Path, Path]:
+    """Two tiny LoRA runs, tiny-a and tiny-b, whose adapters answer clearly differently."""
+    a = train_tiny_run(tmp, model_dir, "tiny-a", seed=0)
+    b = train_tiny_run(tmp, model_dir, "tiny-b", seed=1)
+    perturb_adapter(a, seed=1)
+    perturb_adapter(b, seed=2)
+    return a, b
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

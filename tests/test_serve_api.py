@@ -19,8 +19,7 @@ from serve_helpers import (
     LiveServer,
     metric_value,
     openai_client,
-    perturb_adapter,
-    train_tiny_run,
+    two_distinct_runs,
 )
 from tuneforge.data.templates import render_prompt
 from tuneforge.loading import generate, load_reference
@@ -42,12 +41,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir, one_thread):
-    tmp = tmp_path_factory.mktemp("serve-runs")
-    a = train_tiny_run(tmp, tiny_model_dir, "tiny-a", seed=0)
-    b = train_tiny_run(tmp, tiny_model_dir, "tiny-b", seed=1)
-    perturb_adapter(a, seed=1)
-    perturb_adapter(b, seed=2)
-    return a, b
+    return two_distinct_runs(tmp_path_factory.mktemp("serve-runs"), tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,13 @@ import httpx
 import pytest
 import torch
 
-from serve_helpers import AUTH, KEY, LiveServer, openai_client, perturb_adapter, train_tiny_run
+from serve_helpers import (
+    AUTH,
+    KEY,
+    LiveServer,
+    openai_client,
+    two_distinct_runs,
+)
 from tuneforge.data.templates import render_prompt
 from tuneforge.loading import load_reference
 from tuneforge.serve.app import create_app
@@ -301,10 +307,7 @@ def _sample(text: str, name: str) -> float:
 def test_rows_of_different_adapters_share_a_step_and_keep_their_own_answers(
     tiny_model_dir, tmp_path, one_thread
 ):
-    a = train_tiny_run(tmp_path, tiny_model_dir, "tiny-a", seed=0)
-    b = train_tiny_run(tmp_path, tiny_model_dir, "tiny-b", seed=1)
-    perturb_adapter(a, seed=1)
-    perturb_adapter(b, seed=2)
+    a, b = two_distinct_runs(tmp_path, tiny_model_dir)
     asks = [("tiny-a", "Color of sky?"), ("tiny-b", "Color of sky?"), ("tiny-a", "hi"),
             ("tiny-b", "book night")]  # fmt: skip
     refs = {}

@@ -32,8 +32,7 @@ from serve_helpers import (
     free_port,
     metric_value,
     openai_client,
-    perturb_adapter,
-    train_tiny_run,
+    two_distinct_runs,
 )
 from tuneforge.data.templates import render_prompt
 from tuneforge.errors import ServeError, UsageError
@@ -106,12 +105,7 @@ def standin_app(run_a: Path, run_b: Path | None, sink_path: Path, name: str | No
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir, one_thread):
-    tmp = tmp_path_factory.mktemp("vllm-runs")
-    a = train_tiny_run(tmp, tiny_model_dir, "tiny-a", seed=0)
-    b = train_tiny_run(tmp, tiny_model_dir, "tiny-b", seed=1)
-    perturb_adapter(a, seed=1)
-    perturb_adapter(b, seed=2)
-    return a, b
+    return two_distinct_runs(tmp_path_factory.mktemp("vllm-runs"), tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
