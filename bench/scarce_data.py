@@ -141,7 +141,7 @@ def synthesised(args: argparse.Namespace, train: Path, size: int, seed: int) -> 
         SynthJob(
             model=args.model,
             seed_data=str(train),
-            n=size,
+            n=args.synth_n or size,
             out=out,
             seed=seed,
             batch_size=8,
@@ -166,14 +166,14 @@ def meta_study(args: argparse.Namespace) -> list[dict]:
     meta_cfg = base_config(args.model, paths["tasks"], args.out / "meta-adapter", 1, 0)
     meta_cfg["meta"] = {
         "algorithm": args.algorithm, "tasks": "task", "held_out": held_out, "shots": 8,
-        "query_shots": 8, "inner_steps": 5, "inner_lr": 1e-3, "meta_lr": 1.0,
-        "meta_steps": args.meta_steps, "tasks_per_step": 4, "eval_episodes": 2,
+        "query_shots": 8, "inner_steps": args.inner_steps, "inner_lr": 1e-3, "meta_lr": 1.0,
+        "meta_steps": args.meta_steps, "tasks_per_step": args.tasks_per_step, "eval_episodes": 2,
     }  # fmt: skip
     meta_cfg["checkpoint"] = {"every_steps": 50}
     if not (args.out / "meta-adapter" / "summary.json").is_file():
         run_meta_training(build_config(meta_cfg), show_progress=args.progress)
     # The honest baseline: the same meta-training rows, trained jointly, with as many steps.
-    joint_steps = args.meta_steps * 4 * 5
+    joint_steps = args.meta_steps * args.tasks_per_step * args.inner_steps
     multi = base_config(args.model, seen, args.out / "multitask-adapter", joint_steps, 0)
     if not (args.out / "multitask-adapter" / "summary.json").is_file():
         run_training(build_config(multi), show_progress=args.progress)
@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--held-out", nargs="+", default=list(DEFAULT_HELD_OUT), choices=list(FAMILIES))
     p.add_argument("--algorithm", choices=["reptile", "fomaml"], default="reptile")
     p.add_argument("--meta-steps", type=int, default=200)
+    p.add_argument("--inner-steps", type=int, default=5, help="meta-training's inner steps")
+    p.add_argument("--tasks-per-step", type=int, default=4, help="tasks per meta-step")
+    p.add_argument("--synth-n", type=int, help="synthesis target per run (default: the size)")
     p.add_argument("--adapt-steps", type=int, default=20, help="steps of k-shot adaptation")
     p.add_argument("--rows-per-task", type=int, default=200)
     p.add_argument("--test-per-task", type=int, default=100)
