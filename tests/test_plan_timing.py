@@ -4,6 +4,7 @@ calibration. (Whether predicted time meets measured time is bench/plan_table.py'
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -80,6 +81,7 @@ MACHINE = Machine(
     silu_rate=1e7,
     op_overhead_s=1e-6,
     lora_branch_s=5e-5,
+    loss_rate=3e6,
 )
 
 
@@ -101,12 +103,15 @@ def test_step_time_hand_computed():
         "attention": 6_944 / 5e5,
         "memory-bound passes": 3_312 * 10 * 4 / 1e8 + 96 * 10 / 1e7,
         "dropout masks": 10 * 2 * 64 / 1e7 + 10 * 2 * 192 / 2e7,
-        "loss logits": 3 * 10 * 6 * 4 / 1e8,
+        "loss logits": 3 * 10 / 3e6,  # 3 labelled positions x vocab 10 at the loss rate
         "op overhead": (2 * (205 + 18) + 85 + 14) * 1e-6 + 14 * 5e-5,
         "optimizer + clipping": 512 * 96 / 1e8 + 28 * 20 * 1e-6,
     }
     assert plan.items == pytest.approx(expected, rel=1e-12)
     assert plan.step_s == pytest.approx(sum(expected.values()), rel=1e-12)
+    # A calibration without the loss rate counts six fp32 passes at the bandwidth instead.
+    unmeasured = time_plan(TOY, spec, Workload(batches=[BATCH]), replace(MACHINE, loss_rate=0.0))
+    assert unmeasured.items["loss logits"] == pytest.approx(3 * 10 * 6 * 4 / 1e8, rel=1e-12)
     # Accumulating two micro-batches doubles every part but the optimizer's, which adds a
     # pass over the kept gradients.
     two = time_plan(TOY, spec, Workload(batches=[BATCH, BATCH], grad_accum=2), MACHINE)
@@ -184,6 +189,7 @@ def test_calibration_is_measured_once_and_cached(monkeypatch, tmp_path):
         assert getattr(first, name) > 1e5  # elements/s
     assert first.bandwidth > 1e8 and 0 < first.op_overhead_s < 1e-3
     assert 0 < first.lora_branch_s < 1e-2
+    assert first.loss_rate > 1e5  # logits/s
     assert (tmp_path / calibration.CALIBRATION_FILE).is_file()
 
     def refuse(*args, **kwargs):
@@ -196,6 +202,14 @@ def test_calibration_is_measured_once_and_cached(monkeypatch, tmp_path):
         calibration.calibrate(arch, 100, 20, threads=1, refresh=True, lora=(4, 0.1))
     with pytest.raises(AssertionError, match="measured again"):
         calibration.calibrate(arch, 3000, 20, threads=1)  # another shape
+    # An entry an older version wrote, without a rate this version measures, is measured again.
+    path = tmp_path / calibration.CALIBRATION_FILE
+    cached = json.loads(path.read_text())
+    for entry in cached.values():
+        del entry["loss_rate"]
+    path.write_text(json.dumps(cached))
+    with pytest.raises(AssertionError, match="measured again"):
+        calibration.calibrate(arch, 100, 20, threads=1, seconds=0.05, lora=(4, 0.1))
 
 
 def test_calibration_leaves_the_random_stream_alone():

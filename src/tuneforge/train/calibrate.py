@@ -12,7 +12,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tuneforge.models import cache_root
 from tuneforge.paths import write_json_atomic
 from tuneforge.train.dropout import drop_mask
-from tuneforge.train.estimate import Architecture
+from tuneforge.train.estimate import FP32, Architecture
 from tuneforge.train.timing import ATTENTION_BACKWARD, Machine
 
 CALIBRATION_FILE = "calibration.json"
@@ -29,6 +29,9 @@ CALIBRATION_FILE = "calibration.json"
 #: kernel gets faster per FLOP with length (at 512 the rate predicted 1024-token steps 15-35 %
 #: slow), and one 1024-token case with backward costs ~0.1 s here.
 ATTENTION_MAX = 1024
+#: Bytes of logits the loss rate is measured over: above glibc's largest mmap threshold (32 MB),
+#: as the real loss's chunks (512 x vocab) and prompt learning's full logits are.
+LOSS_BYTES = 48 << 20
 
 
 def current_rss_bytes() -> int:
@@ -213,6 +216,23 @@ def pass_rates(hidden: int, tokens: int, seconds: float) -> dict:
     }
 
 
+def loss_rate(vocab: int, seconds: float) -> float:
+    """Logits/s of cross-entropy, forward and backward, over fresh fp32 logits as the step makes
+    them: two exp passes, and four logits-sized buffers (the logits, log-softmax, its gradient,
+    the zero-filled gradient) each above glibc's 32 MB mmap ceiling, so their pages are faulted
+    in anew every step. Those faults, not bandwidth, are most of the cost (profiled: prefix
+    tuning's full logits took 10x what a pass at the measured bandwidth predicted)."""
+    rows = max(64, -(-LOSS_BYTES // (FP32 * vocab)))
+    source = _randn(rows, vocab)
+    targets = torch.arange(rows) % vocab
+
+    def run() -> None:
+        logits = source.clone().requires_grad_()
+        F.cross_entropy(logits, targets, reduction="sum").backward()
+
+    return rows * vocab / _timed(run, seconds)
+
+
 def measure(
     arch: Architecture,
     tokens: int,
@@ -236,6 +256,7 @@ def measure(
         passes = pass_rates(arch.hidden, _bucket(tokens, 64, 16384), seconds * 0.2)
         if lora:
             passes["lora_branch_s"] = branch_seconds(lora[1], seconds * 0.05)
+        passes["loss_rate"] = loss_rate(arch.vocab, seconds * 0.1)
     return Machine(**gemm, **attention, **passes)
 
 
@@ -270,9 +291,11 @@ def calibrate(
     cached = _read(path) if use_cache else {}
     if key in cached and not refresh:
         try:
-            return Machine(**cached[key])
+            machine = Machine(**cached[key])
         except TypeError:  # written by another version of this module: measure again
-            pass
+            machine = None
+        if machine is not None and set(cached[key]) == {f.name for f in fields(Machine)}:
+            return machine  # else a rate this version measures is missing: measure again
     torch.set_num_threads(threads)
     try:
         machine = measure(arch, tokens, example, dtype, seconds, lora)

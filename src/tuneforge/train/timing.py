@@ -67,6 +67,7 @@ class Machine:
     masked_fill_rate: float = 0.0  # elements/s of masked_fill (compute-bound, not bandwidth)
     silu_rate: float = 0.0  # elements/s of SiLU forward (its backward costs two)
     lora_branch_s: float = 0.0  # fixed Python cost of one fused LoRA branch, forward + backward
+    loss_rate: float = 0.0  # logits/s of cross-entropy, forward + backward (two exp passes each)
 
     def rate(self, name: str) -> float:
         """The named rate, or the one it falls back to when it was not measured."""
@@ -211,7 +212,7 @@ def micro_batch_seconds(
     elements = (arch.layers + reruns) * forward + on_path * backward + trainable * 8 * arch.hidden
     lora = lora_work(arch, method)
     silu = (arch.layers + reruns + 2 * on_path) * arch.intermediate
-    logits = head_positions(method, work, batch) * arch.vocab * LOSS_PASSES
+    logits = head_positions(method, work, batch) * arch.vocab
     chunks = math.ceil(sum(n for _, n in batch) / max(work.loss_chunk_tokens, 1))
     branches = on_path * len(method.targets) if method.lora_like else 0
     branch_ops = LORA_OPS + (LORA_DROPOUT_OPS if method.dropout else 0)
@@ -228,7 +229,9 @@ def micro_batch_seconds(
         + tokens * silu / m.rate("silu_rate"),
         "dropout masks": tokens * on_path * lora.drawn / m.rate("mask_rate")
         + tokens * on_path * lora.filled / m.rate("masked_fill_rate"),
-        "loss logits": logits * FP32 / m.bandwidth,
+        "loss logits": logits / m.loss_rate
+        if m.loss_rate
+        else logits * LOSS_PASSES * FP32 / m.bandwidth,
         "op overhead": ops * m.op_overhead_s
         + branches * (m.lora_branch_s or branch_ops * m.op_overhead_s),
     }
