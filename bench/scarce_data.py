@@ -108,7 +108,7 @@ def augment_study(args: argparse.Namespace) -> list[dict]:
         for seed in args.seeds:
             subset = random.Random(f"subset:{size}:{seed}").sample(pool, size)
             train = write_rows(args.out / f"n{size}-s{seed}" / "train.jsonl", subset)
-            for arm in ("plain", "eda", "synth"):
+            for arm in args.arms:
                 try:
                     scores = trained(arm_config(args, arm, train, size, seed), test, args.progress)
                 except DataError as err:  # e.g. no synthesised row passed the filters
@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--meta-steps", type=int, default=200)
     p.add_argument("--inner-steps", type=int, default=5, help="meta-training's inner steps")
     p.add_argument("--tasks-per-step", type=int, default=4, help="tasks per meta-step")
+    p.add_argument("--arms", nargs="+", default=["plain", "eda", "synth"],
+                   choices=["plain", "eda", "synth"], help="augment study: which arms to run")
     p.add_argument("--synth-n", type=int, help="synthesis target per run (default: the size)")
     p.add_argument("--adapt-steps", type=int, default=20, help="steps of k-shot adaptation")
     p.add_argument("--rows-per-task", type=int, default=200)
