@@ -15,6 +15,11 @@ import uvicorn
 from safetensors.torch import load_file, save_file
 
 from tuneforge.cli import main
+from tuneforge.loading import load_reference
+from tuneforge.serve.app import create_app
+from tuneforge.serve.auth import ApiKeys
+from tuneforge.serve.limits import Limits
+from tuneforge.serve.records import JsonlRecordSink
 
 from helpers import write_run_config, write_toy_messages
 
@@ -59,6 +64,30 @@ def two_distinct_runs(tmp: Path, model_dir: Path) -> tuple[Path, Path]:
     perturb_adapter(a, seed=1)
     perturb_adapter(b, seed=2)
     return a, b
+
+
+def reference_models(runs: tuple[Path, Path]) -> dict:
+    """The two runs of `two_distinct_runs` loaded for reference answers, as tiny-a and tiny-b."""
+    return {
+        name: load_reference(run, dtype="fp32")
+        for name, run in zip(("tiny-a", "tiny-b"), runs, strict=True)
+    }
+
+
+def keyed_app(engine, records: Path, key: str = KEY, **limits):
+    """(app, sink): tuneforge's app in front of `engine` with one API key, JSONL records at
+    `records` and the serving tests' limits (64 new tokens, 120 s) unless `limits` says."""
+    sink = JsonlRecordSink(records)
+    limits = {"max_tokens_cap": 64, "request_timeout_s": 120} | limits
+    return create_app(engine, keys=ApiKeys([key]), sink=sink, limits=Limits(**limits)), sink
+
+
+def chat(client, model: str, prompt: str, **kw):
+    """One user turn through the OpenAI client, greedy and 24 tokens unless `kw` says."""
+    kw = {"temperature": 0, "max_tokens": 24} | kw
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], **kw
+    )
 
 
 def free_port() -> int:

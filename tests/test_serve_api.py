@@ -15,19 +15,17 @@ import torch
 
 from serve_helpers import (
     AUTH,
-    KEY,
     LiveServer,
+    chat,
+    keyed_app,
     metric_value,
     openai_client,
+    reference_models,
     two_distinct_runs,
 )
 from tuneforge.data.templates import render_prompt
-from tuneforge.loading import generate, load_reference
-from tuneforge.serve.app import create_app
-from tuneforge.serve.auth import ApiKeys
+from tuneforge.loading import generate
 from tuneforge.serve.engines.hf import TransformersEngine
-from tuneforge.serve.limits import Limits
-from tuneforge.serve.records import JsonlRecordSink
 
 PROMPTS = [
     "Color of sky?",
@@ -46,10 +44,7 @@ def runs(tmp_path_factory, tiny_model_dir, one_thread):
 
 @pytest.fixture(scope="module")
 def refs(runs):
-    return {
-        name: load_reference(run, dtype="fp32")
-        for name, run in zip(("tiny-a", "tiny-b"), runs, strict=True)
-    }
+    return reference_models(runs)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +53,7 @@ def server(runs, tmp_path_factory):
     engine = TransformersEngine.open(
         a, adapters=[("tiny-b", b)], dtype="fp32", max_batch=8, max_queue=32, wait_s=0.05
     )
-    sink = JsonlRecordSink(tmp_path_factory.mktemp("records") / "records.jsonl")
-    limits = Limits(max_tokens_cap=64, request_timeout_s=120)
-    app = create_app(engine, keys=ApiKeys([KEY]), sink=sink, limits=limits)
+    app, sink = keyed_app(engine, tmp_path_factory.mktemp("records") / "records.jsonl")
     with LiveServer(app) as live:
         live.sink, live.app = sink, app
         yield live
@@ -69,13 +62,6 @@ def server(runs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(server):
     return openai_client(server)
-
-
-def chat(client, model, prompt, **kw):
-    kw = {"temperature": 0, "max_tokens": 24} | kw
-    return client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], **kw
-    )
 
 
 def reference_tokens(loaded, ids: list[int], max_new_tokens: int) -> list[int]:

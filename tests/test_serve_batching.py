@@ -16,20 +16,16 @@ import torch
 
 from serve_helpers import (
     AUTH,
-    KEY,
     LiveServer,
+    keyed_app,
     openai_client,
     two_distinct_runs,
 )
 from tuneforge.data.templates import render_prompt
 from tuneforge.loading import load_reference
-from tuneforge.serve.app import create_app
-from tuneforge.serve.auth import ApiKeys
 from tuneforge.serve.engines.base import Finished, Job, SamplingParams
 from tuneforge.serve.engines.hf import TransformersEngine
 from tuneforge.serve.engines.scheduler import Scheduler
-from tuneforge.serve.limits import Limits
-from tuneforge.serve.records import JsonlRecordSink
 
 LONG_PROMPT = "Color of sky?"  # the tiny model runs it to max_tokens (test_serve_limits checks)
 SHORT_PROMPTS = ["hi", "x", "apple fox Color of rose?", "What is two plus two?", "book night"]
@@ -192,12 +188,7 @@ def reference(model, ids: list[int], tok, max_new_tokens: int) -> tuple[str, int
 
 def served(engine: TransformersEngine, tmp, delay_s: float):
     """The app around `engine`, slowed by `delay_s` per forward; batch sizes kept in app.state."""
-    app = create_app(
-        engine,
-        keys=ApiKeys([KEY]),
-        sink=JsonlRecordSink(tmp / "records.jsonl"),
-        limits=Limits(max_tokens_cap=64, request_timeout_s=120),
-    )
+    app, _ = keyed_app(engine, tmp / "records.jsonl")
     observe, sizes = engine.on_batch, []
     engine.on_batch = lambda n: (sizes.append(n), observe(n))
     app.state.sizes = sizes

@@ -29,9 +29,12 @@ from serve_helpers import (
     AUTH,
     KEY,
     LiveServer,
+    chat,
     free_port,
+    keyed_app,
     metric_value,
     openai_client,
+    reference_models,
     two_distinct_runs,
 )
 from tuneforge.data.templates import render_prompt
@@ -56,7 +59,6 @@ from tuneforge.serve.engines.vllm_upstream import (
     request_body,
     upstream_url,
 )
-from tuneforge.serve.limits import Limits
 from tuneforge.serve.records import JsonlRecordSink
 
 UPSTREAM_KEY = "upstream-key-0123456789abcdef"
@@ -97,9 +99,7 @@ def standin_app(run_a: Path, run_b: Path | None, sink_path: Path, name: str | No
     )
     hook = Delay()
     engine.model.register_forward_pre_hook(hook, with_kwargs=True)
-    sink = JsonlRecordSink(sink_path)
-    limits = Limits(max_tokens_cap=64, request_timeout_s=120)
-    app = create_app(engine, keys=ApiKeys([UPSTREAM_KEY]), sink=sink, limits=limits)
+    app, sink = keyed_app(engine, sink_path, key=UPSTREAM_KEY)
     return app, engine, hook, sink
 
 
@@ -110,9 +110,7 @@ def runs(tmp_path_factory, tiny_model_dir, one_thread):
 
 @pytest.fixture(scope="module")
 def refs(runs):
-    return {
-        n: load_reference(r, dtype="fp32") for n, r in zip(("tiny-a", "tiny-b"), runs, strict=True)
-    }
+    return reference_models(runs)
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +132,7 @@ def front(runs, standin, tmp_path_factory):
         max_batch=4,
         max_queue=8,
     )
-    sink = JsonlRecordSink(tmp_path_factory.mktemp("front") / "records.jsonl")
-    limits = Limits(max_tokens_cap=64, request_timeout_s=120)
-    app = create_app(engine, keys=ApiKeys([KEY]), sink=sink, limits=limits)
+    app, sink = keyed_app(engine, tmp_path_factory.mktemp("front") / "records.jsonl")
     with LiveServer(app) as live:
         live.engine, live.sink = engine, sink
         yield live
@@ -150,13 +146,6 @@ def client(front):
 @pytest.fixture(scope="module")
 def direct(standin):
     return openai_client(standin, key=UPSTREAM_KEY)
-
-
-def chat(client, model, prompt, **kw):
-    kw = {"temperature": 0, "max_tokens": 24} | kw
-    return client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], **kw
-    )
 
 
 # ---- answers through the vllm engine -----------------------------------------------------------
