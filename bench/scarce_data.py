@@ -218,8 +218,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--meta-steps", type=int, default=200)
     p.add_argument("--inner-steps", type=int, default=5, help="meta-training's inner steps")
     p.add_argument("--tasks-per-step", type=int, default=4, help="tasks per meta-step")
-    p.add_argument("--arms", nargs="+", default=["plain", "eda", "synth"],
-                   choices=["plain", "eda", "synth"], help="augment study: which arms to run")
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        default=["plain", "eda", "synth"],
+        choices=["plain", "eda", "synth"],
+        help="augment study: which arms to run",
+    )
     p.add_argument("--synth-n", type=int, help="synthesis target per run (default: the size)")
     p.add_argument("--adapt-steps", type=int, default=20, help="steps of k-shot adaptation")
     p.add_argument("--rows-per-task", type=int, default=200)
