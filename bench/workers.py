@@ -111,13 +111,16 @@ def run_hf(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         TrainingArguments,
     )
 
-    from tuneforge.models import load_tokenizer, resolve_model_dir
+    from tuneforge.models import load_tokenizer, resolve_dtype, resolve_model_dir
 
     model_dir = resolve_model_dir(spec["model"])
     tokenizer = load_tokenizer(model_dir)
     examples = _hf_examples(spec, tokenizer)
-    # LoRA: the checkpoint's own dtype (bf16), frozen; full FT needs fp32 weights under bf16 autocast.
-    dtype = torch.float32 if spec["method"] == "full" else "auto"
+    # The dtype rule tuneforge's side follows (`auto`: bf16 only where the CPU computes it
+    # natively), so that a machine without bf16 compares fp32 with fp32. Under bf16, LoRA keeps
+    # the checkpoint's own dtype (bf16), frozen; full FT needs fp32 weights under bf16 autocast.
+    bf16 = resolve_dtype(spec["dtype"], spec["device"]) == torch.bfloat16
+    dtype = "auto" if bf16 and spec["method"] != "full" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     if spec["method"] == "lora":
         from peft import LoraConfig, get_peft_model
@@ -147,7 +150,7 @@ def run_hf(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         learning_rate=spec["lr"],
         lr_scheduler_type="cosine",
         max_steps=spec["steps"],
-        bf16=spec["dtype"] != "fp32",
+        bf16=bf16,
         use_cpu=spec["device"] == "cpu",
         logging_steps=1,
         save_strategy="no",
