@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from tuneforge.train.math_attention import applies, causal_attention
+
 ATTENTION_NAME = "tuneforge_sdpa"
 
 
@@ -95,7 +97,12 @@ def packed_sdpa_forward(
     parts = zip(
         query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True
     )
-    outs = [_sdpa(module, q, k, v, None, dropout, scaling, True)[0] for q, k, v in parts]
+    outs = [
+        causal_attention(q, k, v, scaling)
+        if applies(q, dropout, kwargs)
+        else _sdpa(module, q, k, v, None, dropout, scaling, True)[0]
+        for q, k, v in parts
+    ]
     return torch.cat(outs, dim=1), None
 
 
