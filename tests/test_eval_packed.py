@@ -168,6 +168,29 @@ def test_lora_run_packs_and_folding_keeps_the_numbers(tiny_tokenizer):
         )
 
 
+def test_folding_into_bf16_weights_keeps_the_numbers_to_bf16_rounding(tiny_tokenizer):
+    """A bf16 base (`dtype: auto` on a bf16 CPU) with fp32 adapters, as `tuneforge eval` loads a
+    run there: folded, the loss moves by bf16 rounding only and every label stays the same."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build_tiny_llama(len(tiny_tokenizer)).to(torch.bfloat16)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(base, config).eval()
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+    examples = _examples()
+    before = evaluate_examples(model, tiny_tokenizer, examples, ["loss", "accuracy"], labels=LABELS)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    weight = layer.get_base_layer().weight.detach().clone()
+    assert fold_adapters(model)
+    assert layer.get_base_layer().weight.dtype == torch.bfloat16
+    assert not torch.equal(layer.get_base_layer().weight, weight)  # the delta went in
+    after = evaluate_examples(model, tiny_tokenizer, examples, ["loss", "accuracy"], labels=LABELS)
+    assert math.isclose(after["loss"], before["loss"], rel_tol=1e-2)
+    assert after["accuracy"] == before["accuracy"]
+
+
 def test_loss_only_plain_text_and_multi_turn_rows(tiny_tokenizer):
     model = build_tiny_qwen2(len(tiny_tokenizer)).eval()
     multi = Example(

@@ -12,6 +12,9 @@ import torch
 if TYPE_CHECKING:
     from tuneforge.loading import Loaded
 
+#: Base weight dtypes an adapter is merged into for evaluation (fold_adapters).
+FOLDABLE = (torch.float32, torch.bfloat16)
+
 
 def evaluate_reference(
     ref: str,
@@ -116,10 +119,12 @@ def evaluate_loaded(
 
 
 def fold_adapters(model: torch.nn.Module) -> bool:
-    """Merge a loaded adapter (LoRA, IA3, ...) into its fp32 base weights: one matmul per layer.
+    """Merge a loaded adapter (LoRA, IA3, ...) into its base weights: one matmul per layer.
 
-    Only for a model loaded to be evaluated (the adapter stops being separable) and only where
-    the merge is exact to fp32 rounding: plain fp32 Linear base layers, no prompt learning.
+    Only for a model loaded to be evaluated (the adapter stops being separable) and only into
+    plain fp32 or bf16 Linear base layers, no prompt learning. In bf16 the merged weight is
+    rounded once (peft computes the delta in fp32 on CPU): the error of the bf16 forward that
+    would otherwise add the branch's bf16 output (bench/notes.md measures both against fp32).
     """
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -130,7 +135,7 @@ def fold_adapters(model: torch.nn.Module) -> bool:
         return False
     for layer in layers:
         base = layer.get_base_layer()
-        if type(base) is not torch.nn.Linear or base.weight.dtype != torch.float32:
+        if type(base) is not torch.nn.Linear or base.weight.dtype not in FOLDABLE:
             return False
     model.merge_adapter()
     return True
