@@ -88,10 +88,10 @@ def _loss_memory(rows: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _threads(summary: dict[str, Any]) -> str:
-    """The thread counts the workers reported (torch.get_num_threads() after the run)."""
+def _per_side(summary: dict[str, Any], key: str = "threads") -> str:
+    """What the workers reported of themselves (thread count, heap allocator), per side."""
     seen = {
-        side: sorted({row[side]["threads"] for row in summary.values() if side in row})
+        side: sorted({str(row[side].get(key, "?")) for row in summary.values() if side in row})
         for side in ("tuneforge", "hf")
     }
     return "; ".join(f"{side} {', '.join(map(str, n)) or '?'}" for side, n in seen.items())
@@ -112,7 +112,8 @@ def render(state: dict[str, Any]) -> str:
         "",
         f"- measured: {state.get('started', '?')} to {state.get('finished', 'unfinished')}",
         f"- machine: {m['cpu']}, {m['memory']}; device `{args.get('device', 'cpu')}`; "
-        f"torch threads per process, as each worker measured them: {_threads(summary)}",
+        f"torch threads per process, as each worker measured them: {_per_side(summary)}; "
+        f"heap allocator: {_per_side(summary, 'allocator')}",
         f"- software: Python {m['python']}, torch {m['torch']}, transformers "
         f"{m['transformers']}, peft {m['peft']}",
         f"- measured GEMM peak on this machine: bf16 {peak.get('bf16', 0):.0f} GFLOP/s, fp32 "

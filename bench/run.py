@@ -7,6 +7,7 @@ of the repeats; writes bench/results/latest.json and docs/performance.md. Not pa
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import json
 import os
 import statistics
@@ -111,8 +112,13 @@ def run_side(side: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
         str(spec_path),
         str(result_path),
     ]
+    env = None
+    if side == "tuneforge":  # the allocator `tuneforge train` runs under (cli/allocator.py)
+        from tuneforge.cli.allocator import preload_env
+
+        env = preload_env(["train"], dict(os.environ), ctypes.util.find_library("tcmalloc_minimal"))
     started = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:  # recorded, not fatal: e.g. the baseline running out of memory
         why = "killed (out of memory?)" if proc.returncode in (-9, 137) else "failed"
         print(f"    {side} {why}, exit {proc.returncode}: {proc.stderr[-1500:]}", flush=True)
@@ -182,6 +188,7 @@ def summarise(runs: list[dict[str, Any]], flops_per_token: float, peak: float) -
         "load_avg": [r["load_avg"] for r in runs],
         "settings": runs[0].get("settings"),
         "threads": runs[0]["threads"],
+        "allocator": runs[0].get("allocator", "?"),
     }
 
 

@@ -186,6 +186,8 @@ def main(argv: list[str]) -> int:
     spec = json.loads(Path(spec_path).read_text())
     import torch
 
+    from tuneforge.train.fastpath import heap_allocator
+
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     load_before = os.getloadavg()[0]
@@ -198,6 +200,7 @@ def main(argv: list[str]) -> int:
         tokens_per_cpu_s=result["tokens"] / result["cpu_s"],
         peak_memory_mb=peak_memory_mb(spec["device"]),
         threads=torch.get_num_threads(),
+        allocator=heap_allocator(),
         load_avg=[load_before, os.getloadavg()[0]],
     )
     Path(result_path).write_text(json.dumps(result, indent=1))

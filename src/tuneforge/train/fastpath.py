@@ -137,6 +137,7 @@ class FastPath:
     fast_dropouts: int
     fused_lora_layers: int
     compiled_blocks: int
+    allocator: str = "glibc"
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -176,4 +177,15 @@ def prepare_fast_path(
     blocks = compile_layers(model) if compile else 0
     for note in notes:
         log.warning(note)
-    return FastPath(threads, packing, attention, casts, dropouts, fused, blocks, notes)
+    allocator = heap_allocator()
+    return FastPath(threads, packing, attention, casts, dropouts, fused, blocks, allocator, notes)
+
+
+def heap_allocator() -> str:
+    """The malloc this process runs on: tcmalloc or jemalloc when preloaded (cli/allocator.py),
+    else glibc's."""
+    try:
+        maps = open("/proc/self/maps", encoding="utf-8", errors="replace").read()
+    except OSError:
+        return "unknown"
+    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in maps), "glibc")
