@@ -76,3 +76,25 @@ def test_qlora_refuses_full_finetuning(tmp_path, tiny_model_dir):
     )
     with pytest.raises(ConfigError, match="model.quantize: nf4 trains an adapter"):
         run_training(load_config(path), show_progress=False)
+
+
+def test_untileable_layers_keep_the_generic_cpu_4bit_path(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """bitsandbytes' AVX512-BF16 kernel crashes repacking shapes it cannot tile (the tiny model's
+    32 in-features, under one 64-value block); those layers are kept off it, tileable ones not.
+    The kernel's flag is forced on first, so this holds on a CPU without AVX512-BF16 too."""
+    from tuneforge.models import _untileable_off_the_cpu_4bit_kernel
+
+    from conftest import build_tiny_llama
+
+    wide = tmp_path / "wide"
+    build_tiny_llama(len(tiny_tokenizer), hidden_size=64, intermediate_size=128).save_pretrained(
+        wide
+    )
+    # hidden 32: all but down_proj (64 in, 32 out) per block; hidden 64: none
+    for model_dir, untileable in ((tiny_model_dir, 12), (wide, 0)):
+        model = load_model(model_dir, torch.float32, quantize="nf4")
+        layers = [m for m in model.modules() if "Linear4bit" in type(m).__name__]
+        for layer in layers:
+            layer.support_avx512bf16_for_cpu = True
+        assert _untileable_off_the_cpu_4bit_kernel(model) == untileable
+        assert sum(not m.support_avx512bf16_for_cpu for m in layers) == untileable

@@ -304,10 +304,28 @@ def load_model(
             use_safetensors=True,
             **extra,
         )
+    if quantize:
+        _untileable_off_the_cpu_4bit_kernel(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def _untileable_off_the_cpu_4bit_kernel(model: torch.nn.Module) -> int:
+    """bitsandbytes' AVX512-BF16 CPU path repacks a 4-bit weight at its first no-grad forward and
+    crashes on shapes it cannot tile (out features not a multiple of 32, in features not of the
+    quantisation block); such layers keep the generic path. Returns how many."""
+    kept = 0
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is None or not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        out_features, in_features = state.shape
+        if out_features % 32 or in_features % state.blocksize:
+            module.support_avx512bf16_for_cpu = False
+            kept += 1
+    return kept
 
 
 def _quantized(kind: str, dtype: torch.dtype, device: torch.device | str | None) -> dict:

@@ -60,7 +60,9 @@ def _setup_logging(verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|peft|torch)\.")
-    noisy_loggers = ("gguf", "llama-cpp-python")  # the GGUF writer; llama.cpp's native log
+    # the GGUF writer; llama.cpp's native log; bitsandbytes, which on an AVX512-BF16 CPU warns at
+    # import that an optional kernel package is missing
+    noisy_loggers = ("gguf", "llama-cpp-python", "bitsandbytes")
     for noisy in ("transformers", "accelerate", "peft", "jieba", "absl", "httpx", *noisy_loggers):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
