@@ -7,7 +7,6 @@ of the repeats; writes bench/results/latest.json and docs/performance.md. Not pa
 from __future__ import annotations
 
 import argparse
-import ctypes.util
 import json
 import os
 import statistics
@@ -114,9 +113,9 @@ def run_side(side: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     ]
     env = None
     if side == "tuneforge":  # the allocator `tuneforge train` runs under (cli/allocator.py)
-        from tuneforge.cli.allocator import preload_env
+        from tuneforge.heap import preload_env, tcmalloc_library
 
-        env = preload_env(["train"], dict(os.environ), ctypes.util.find_library("tcmalloc_minimal"))
+        env = preload_env(["train"], dict(os.environ), tcmalloc_library())
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:  # recorded, not fatal: e.g. the baseline running out of memory

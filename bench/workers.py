@@ -186,7 +186,7 @@ def main(argv: list[str]) -> int:
     spec = json.loads(Path(spec_path).read_text())
     import torch
 
-    from tuneforge.train.fastpath import heap_allocator
+    from tuneforge.heap import heap_allocator
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))

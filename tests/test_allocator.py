@@ -6,8 +6,7 @@ import os
 import subprocess
 import sys
 
-from tuneforge.cli.allocator import SWITCH, preload_env
-from tuneforge.train.fastpath import heap_allocator
+from tuneforge.heap import SWITCH, heap_allocator, preload_env
 
 from helpers import write_run_config, write_toy_messages
 

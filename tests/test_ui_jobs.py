@@ -213,6 +213,8 @@ def test_a_run_survives_a_page_restart_is_cancelled_into_a_checkpoint_and_resume
             assert (again.state, again.rc) == ("finished", 0), queue.log_tail(again)
             summary = json.loads((run / "summary.json").read_text())
             assert summary["steps"] == 30
+            manifest = json.loads((run / "manifest.json").read_text())
+            assert manifest["fast_path"]["allocator"] == "tcmalloc"  # as `tuneforge train` runs
             records = [json.loads(x) for x in metrics.read_text().splitlines()]
             assert [r["step"] for r in records if "loss" in r] == list(range(1, 31))
             # the finished run streams every record and ends; its page shows the report link

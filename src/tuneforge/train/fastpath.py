@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tuneforge.heap import heap_allocator
 from tuneforge.train.attention import use_packed_sdpa
 from tuneforge.train.dropout import use_fast_dropout
 from tuneforge.train.fused_lora import use_fused_lora
@@ -179,13 +180,3 @@ def prepare_fast_path(
         log.warning(note)
     allocator = heap_allocator()
     return FastPath(threads, packing, attention, casts, dropouts, fused, blocks, allocator, notes)
-
-
-def heap_allocator() -> str:
-    """The malloc this process runs on: tcmalloc or jemalloc when preloaded (cli/allocator.py),
-    else glibc's."""
-    try:
-        maps = open("/proc/self/maps", encoding="utf-8", errors="replace").read()
-    except OSError:
-        return "unknown"
-    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in maps), "glibc")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.errors import UsageError
+from tuneforge.heap import preload_env, tcmalloc_library
 from tuneforge.paths import write_json_atomic
 from tuneforge.ui.workspace import Workspace
 
@@ -169,6 +170,7 @@ class JobQueue:
         rc_file = self.logs / f"{job.id}.rc.json"
         command = [sys.executable, "-m", "tuneforge.cli", *job.argv]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _same_tuneforge()}
+        env = preload_env(job.argv, env, tcmalloc_library()) or env  # as `tuneforge train` runs
         with self.log_path(job).open("ab") as log:
             log.write(f"$ tuneforge {' '.join(job.argv)}\n".encode())
             log.flush()
