@@ -17,6 +17,19 @@ COLORS = ["red", "green", "blue", "black", "white", "pink"]
 THINGS = ["apple", "sky", "grass", "night", "snow", "rose", "fox", "book"]
 
 
+def random_examples(lengths, vocab: int = 300, seed: int = 0) -> list:
+    """Tokenized examples of these lengths, random ids, the second half of each labelled."""
+    from tuneforge.data.pipeline import TokenizedExample
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(3, vocab, (n,), generator=gen).tolist()
+        labels = [-100] * (n // 2) + ids[n // 2 :]
+        out.append(TokenizedExample(input_ids=ids, labels=labels, source=f"f:{i + 1}"))
+    return out
+
+
 def write_toy_messages(path: Path, n: int = 64, seed: int = 0) -> Path:
     """A learnable toy task: 'Color of X?' -> a fixed color per thing (variable lengths)."""
     rng = random.Random(seed)

@@ -6,12 +6,12 @@ import torch.nn.functional as F
 
 import tuneforge.train.math_attention as math_attention
 from tuneforge.data.packing import pack_examples
-from tuneforge.data.pipeline import TokenizedExample
 from tuneforge.train.attention import use_packed_sdpa
 from tuneforge.train.loss import CausalLMLoss
 from tuneforge.train.math_attention import MAX_LENGTH, applies, causal_attention
 
 from conftest import build_tiny_llama
+from helpers import random_examples
 
 
 def _qkv(length, heads=6, kv_heads=2, dim=16, seed=0, sharp=1.0):
@@ -87,15 +87,6 @@ def test_applies_only_where_it_computes_sdpa(monkeypatch):
     assert not applies(q, 0.0, {})
 
 
-def _examples(lengths, vocab=300):
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for i, n in enumerate(lengths):
-        ids = torch.randint(3, vocab, (n,), generator=gen).tolist()
-        out.append(TokenizedExample(ids, [-100] * (n // 2) + ids[n // 2 :], f"f:{i + 1}"))
-    return out
-
-
 def _bf16_loss_grads(model, batch):
     model.zero_grad(set_to_none=True)
     n = float((batch["labels"][:, 1:] != -100).sum())
@@ -110,7 +101,7 @@ def test_bf16_training_step_matches_the_flash_kernel(monkeypatch):
     to bf16 rounding; and the packed examples are attended with the new kernel."""
     model = build_tiny_llama(300, seed=0).to(torch.bfloat16)
     assert use_packed_sdpa(model)
-    batch = pack_examples(_examples([9, 23, 4, 17, 2]))
+    batch = pack_examples(random_examples([9, 23, 4, 17, 2]))
     calls = []
 
     def counted(*args):

@@ -17,21 +17,11 @@ from tuneforge.train.loss import CausalLMLoss
 from tuneforge.train.order import micro_batch_indices
 
 from conftest import build_tiny_gpt2, build_tiny_llama, build_tiny_qwen2
-from helpers import CpuAccelerator, write_run_config, write_toy_messages
-
-
-def _examples(lengths, vocab=300, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i, n in enumerate(lengths):
-        ids = torch.randint(3, vocab, (n,), generator=gen).tolist()
-        labels = [-100] * (n // 2) + ids[n // 2 :]
-        out.append(TokenizedExample(input_ids=ids, labels=labels, source=f"f:{i + 1}"))
-    return out
+from helpers import CpuAccelerator, random_examples, write_run_config, write_toy_messages
 
 
 def test_pack_examples_layout():
-    exs = _examples([3, 1, 4])
+    exs = random_examples([3, 1, 4])
     exs[1].labels = list(exs[1].input_ids)  # fully labelled: its first label must still go
     packed = pack_examples(exs)
     assert packed["input_ids"].tolist() == [sum((e.input_ids for e in exs), [])]
@@ -75,7 +65,7 @@ def _loss_grads(model, batch):
 def test_packed_equals_padded_loss_and_grads(attention):
     """One pad-free row vs a padded batch: the same loss and gradients, with our kernel and with
     transformers' own (which keeps examples apart through the position ids)."""
-    exs = _examples([9, 23, 4, 17, 2])
+    exs = random_examples([9, 23, 4, 17, 2])
     model = _lora_model()
     base = model.get_base_model()
     base.set_attn_implementation("eager" if attention == "eager" else "sdpa")
@@ -93,7 +83,7 @@ def test_packed_examples_do_not_see_each_other():
     """Changing one example leaves the other's logits in the packed row unchanged."""
     model = build_tiny_llama(300, seed=0)
     use_packed_sdpa(model)
-    a, b, c = _examples([6, 7, 5])
+    a, b, c = random_examples([6, 7, 5])
     b2 = TokenizedExample([x + 1 for x in b.input_ids], b.labels, b.source)
     with torch.no_grad():
         one = model(**{k: v for k, v in pack_examples([a, b, c]).items() if k != "labels"}).logits
@@ -160,7 +150,7 @@ def test_packed_equals_padded_on_other_architectures(build):
     model = build(300).eval()  # GPT-2 has dropout
     model.set_attn_implementation("sdpa")
     assert use_packed_sdpa(model)
-    exs = _examples([9, 23, 4, 17, 2])
+    exs = random_examples([9, 23, 4, 17, 2])
     loss_fn = CausalLMLoss(model)
     padded, packed = collate(exs, pad_id=0), pack_examples(exs)
     torch.testing.assert_close(loss_fn(model, packed, 1.0), loss_fn(model, padded, 1.0))
