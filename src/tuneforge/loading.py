@@ -42,12 +42,18 @@ def is_run_dir(ref: str | Path) -> bool:
 
 
 def load_reference(
-    ref: str | Path, dtype: str = "auto", device: str = "cpu", *, template: str | None = None
+    ref: str | Path,
+    dtype: str = "auto",
+    device: str = "cpu",
+    *,
+    template: str | None = None,
+    fold: bool = False,
 ) -> Loaded:
     """Load a run directory or a base model reference, in eval mode.
 
     `template` (a built-in name, a jinja template, or a run's own template text) sets the chat
     template of a base model's tokenizer; a run always keeps the template it was trained with.
+    `fold`: see `load_run`.
     """
     torch_dtype = resolve_dtype(dtype, device)
     if not is_run_dir(ref):
@@ -57,7 +63,7 @@ def load_reference(
             apply_template(tokenizer, template)
         model = load_model(base_dir, torch_dtype).to(device).eval()
         return Loaded(model, tokenizer, "base", base_dir)
-    return load_run(ref, torch_dtype, device)
+    return load_run(ref, torch_dtype, device, fold=fold)
 
 
 def run_chat_template(ref: str | Path) -> str | None:
@@ -93,11 +99,14 @@ def load_run(
     device: str = "cpu",
     *,
     base: torch.nn.Module | None = None,
+    fold: bool = False,
 ) -> Loaded:
     """Load a run directory: its full model, or its adapter on its base model.
 
     `base`: the adapter run's base model, already loaded (in `dtype`, on `device`, from
     `adapter_base_dir(run_dir)`) and not loaded again; the adapter goes onto it in place.
+    `fold`: for a model that is only evaluated, merge an adapter the method can fold without
+    peft straight into the base weights (a plain LoRA); other adapters load as usual.
     """
     run_dir = Path(run_dir)
     config, manifest = read_run(run_dir)
@@ -121,6 +130,8 @@ def load_run(
     if base is None:
         base = load_model(base_dir, dtype, trust_remote_code=trust)
     method = run_method(config)
+    if fold and method.fold_saved(base, str(adapter)):
+        return Loaded(base.to(device).eval(), tokenizer, "adapter", base_dir)
     try:
         model = method.load(base, str(adapter))  # the method knows its inference view
     except (RuntimeError, ValueError, KeyError, OSError) as err:

@@ -5,6 +5,7 @@ Printing the numbers side by side is reporting/tables.py's job.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,7 +37,7 @@ def evaluate_reference(
     from tuneforge.loading import load_reference
 
     _check_data(data)
-    loaded = load_reference(ref, template=template)
+    loaded = load_reference(ref, template=template, fold=True)
     return evaluate_loaded(loaded, data, metrics, batch_size, limit, **generation)
 
 
@@ -66,7 +67,7 @@ def evaluate_run_and_base(
         return None
     base = load_reference(base_ref, template=template)
     base_out = evaluate_loaded(base, data, metrics, batch_size, limit, **generation)
-    loaded = load_run(run, resolve_dtype("auto"), base=base.model)
+    loaded = load_run(run, resolve_dtype("auto"), base=base.model, fold=True)
     return base_out, evaluate_loaded(loaded, data, metrics, batch_size, limit, **generation)
 
 
@@ -126,10 +127,10 @@ def fold_adapters(model: torch.nn.Module) -> bool:
     rounded to bf16 once (peft computes the delta in fp32 on CPU), as an exported merge is; the
     quickstart's loss moves by 0.0006 (bench/notes.md compares both ways with fp32).
     """
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
+    if "peft" not in sys.modules:  # nothing built a peft model (and importing it costs 0.6 s)
         return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     if not layers or not hasattr(model, "merge_adapter"):
         return False

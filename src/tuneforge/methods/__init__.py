@@ -77,6 +77,11 @@ class Method:
         extra = {} if state_dict is None else {"state_dict": state_dict}
         model.save_pretrained(path, safe_serialization=True, **extra)
 
+    def fold_saved(self, base: torch.nn.Module, adapter_dir: str) -> bool:
+        """Merge the adapter saved in `adapter_dir` into `base`'s weights in place, for a model
+        loaded only to be evaluated; False (base untouched) where `load` must be used instead."""
+        return False
+
     def load(
         self,
         base: torch.nn.Module,

@@ -132,6 +132,11 @@ class Lora(Method):
         ratio = self.options.lora_plus_ratio
         return ratio if ratio is not None and "lora_B" in param_name else 1.0
 
+    def fold_saved(self, base, adapter_dir: str) -> bool:
+        from tuneforge.methods.lora_fold import fold_saved_lora
+
+        return fold_saved_lora(base, adapter_dir)
+
     def save(self, model, path: str, state_dict=None) -> None:
         if self.initial_adapter is None:
             return super().save(model, path, state_dict)
