@@ -19,6 +19,7 @@ _ROUGE_CHINESE_KEYS = {"rouge1": "rouge-1", "rouge2": "rouge-2", "rougeL": "roug
 # Char mode: one token per CJK ideograph, a run of other word characters, or one other symbol.
 _CHAR_TOKEN = re.compile(f"[{CJK_CLASS}]|[^\\W{CJK_CLASS}]+|\\S")
 
+
 @functools.cache
 def _jieba():
     import jieba
