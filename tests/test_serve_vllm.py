@@ -646,3 +646,36 @@ def test_real_vllm_answers_a_merged_export_as_the_transformers_engine(tmp_path, 
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=90)
     assert server.returncode == 0, log.read_text()[-4000:]
+
+
+def test_the_child_dies_with_a_killed_parent(tmp_path):
+    """A tuneforge killed by SIGKILL cannot stop its vLLM child; Linux does (PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    parent_code = (
+        "import os, sys, time\n"
+        "from tuneforge.serve.engines.vllm_launch import VllmChild\n"
+        "child = VllmChild([sys.executable, '-c', 'import time; time.sleep(120)'], dict(os.environ))\n"
+        "print(child.proc.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pid = int(parent.stdout.readline())
+        stat = Path(f"/proc/{pid}/stat")
+        # the wrapper has become the sleeping child (exec): the same pid, now running `sleep`
+        wait_for(lambda: "time.sleep(120)" in Path(f"/proc/{pid}/cmdline").read_text())
+        assert stat.read_text().split()[2] in "RS"
+    finally:
+        parent.kill()
+        parent.wait()
+
+    def gone() -> bool:
+        try:
+            return stat.read_text().split()[2] in "ZX"  # dead (a zombie until init reaps it)
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+
+    wait_for(gone)

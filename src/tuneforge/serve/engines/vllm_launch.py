@@ -174,9 +174,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: Runs first in the child, then becomes vLLM (exec): Linux sends it SIGTERM when tuneforge dies,
+#: even by SIGKILL, and it exits at once if tuneforge is already gone. A shell-free stand-in for
+#: preexec_fn, which is unsafe once threads run. argv: tuneforge's pid, then vLLM's command.
+_PARENT_DEATH = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def dies_with_parent(command: list[str]) -> list[str]:
+    """`command` wrapped so that its process ends when this one does (Linux; elsewhere as is).
+
+    The signal follows the thread that starts the child: start it from one that lives as long
+    as the server (the command's main thread)."""
+    if not sys.platform.startswith("linux"):
+        return list(command)
+    return [sys.executable, "-c", _PARENT_DEATH, str(os.getpid()), *command]
+
+
 class VllmChild:
     """vLLM's OpenAI server as a child process in its own process group; its output is kept (the
-    last lines, for error messages) and passed to the log at debug level."""
+    last lines, for error messages) and passed to the log at debug level. It gets SIGTERM when
+    tuneforge dies, however it dies (`dies_with_parent`)."""
 
     TAIL_LINES = 25
 
@@ -184,7 +207,7 @@ class VllmChild:
         self.command = command
         self.tail: deque[str] = deque(maxlen=self.TAIL_LINES)
         self.proc = subprocess.Popen(
-            command,
+            dies_with_parent(command),
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
