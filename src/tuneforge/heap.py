@@ -1,4 +1,4 @@
-"""The malloc a process runs on, and the environment that puts training on tcmalloc.
+"""The malloc a process runs on, and the environment that puts training and evaluation on tcmalloc.
 
 glibc's heap keeps the holes that variable-length batches leave; tcmalloc reuses them, for a peak
 RSS about a fifth lower at the same speed (bench/notes.md). No torch import: the console command
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ctypes.util
 
-#: Commands run under tcmalloc: the ones whose heap churns batch after batch.
-COMMANDS = frozenset({"train"})
+#: Commands run under tcmalloc: the ones whose heap churns batch after batch. Evaluation's
+#: activations of a few MB each fault in fresh pages on every op under glibc: the quickstart's
+#: `eval --compare` takes 16.0 s under tcmalloc against 17.6 s (medians of 4, bench/notes.md).
+COMMANDS = frozenset({"train", "eval"})
 #: TUNEFORGE_ALLOCATOR=system keeps glibc's malloc.
 SWITCH = "TUNEFORGE_ALLOCATOR"
 

@@ -1,4 +1,4 @@
-"""The `tuneforge` console command: `tuneforge train` re-executes itself once under tcmalloc.
+"""The `tuneforge` console command: `train` and `eval` re-execute themselves once under tcmalloc.
 
 Where tcmalloc is installed and nothing opts out (tuneforge/heap.py decides); every other command,
 and `python -m tuneforge.cli`, runs as started.
