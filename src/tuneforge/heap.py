@@ -22,11 +22,15 @@ def tcmalloc_library() -> str | None:
     return ctypes.util.find_library("tcmalloc_minimal")
 
 
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand named on a `tuneforge` command line (flags before it skipped)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def preload_env(argv: list[str], environ: dict[str, str], library: str | None) -> dict | None:
     """The environment to run `tuneforge argv` in, or None to leave it as it is: not a training
     command, switched off, tcmalloc missing, or a preload (ours or the user's) already set."""
-    command = next((a for a in argv if not a.startswith("-")), None)
-    if command not in COMMANDS or library is None:
+    if command_of(argv) not in COMMANDS or library is None:
         return None
     if environ.get(SWITCH, "tcmalloc") != "tcmalloc" or environ.get("LD_PRELOAD"):
         return None

@@ -3,5 +3,6 @@
 import sys
 
 from tuneforge.cli import main
+from tuneforge.cli.startup import run_process
 
-sys.exit(main())
+sys.exit(run_process(main, sys.argv[1:]))

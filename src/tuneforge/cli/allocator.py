@@ -18,5 +18,6 @@ def entry() -> None:
     if env is not None:
         os.execve(sys.executable, [sys.executable, "-m", "tuneforge.cli", *sys.argv[1:]], env)
     from tuneforge.cli import main
+    from tuneforge.cli.startup import run_process
 
-    sys.exit(main())
+    sys.exit(run_process(main, sys.argv[1:]))
