@@ -104,3 +104,38 @@ def test_another_base_is_loaded_on_its_own(lora_run, tiny_model_dir, test_file, 
     copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
     assert evaluate_run_and_base(str(lora_run), str(copy), str(test_file), ["loss"]) is None
     assert evaluate_run_and_base(str(copy), str(copy), str(test_file), ["loss"]) is None
+
+
+def test_side_by_side_gives_the_numbers_of_one_after_the_other(lora_run, tiny_model_dir, test_file):
+    """Both models scored at once, each in a thread of its own (the run on its own copy of the
+    base): the same numbers, to the last bit, as the base first and the adapter onto it after."""
+    template = run_chat_template(lora_run)
+    args = (str(lora_run), str(tiny_model_dir), str(test_file), METRICS, 4)
+    serial = evaluate_run_and_base(*args, template=template, side_by_side=False, **GEN)
+    both = evaluate_run_and_base(*args, template=template, side_by_side=True, **GEN)
+    assert both == serial
+    assert abs(both[0]["loss"] - both[1]["loss"]) > 0.01  # two different models
+    assert torch.get_num_threads() == 1  # the thread split is put back
+
+
+def test_side_by_side_only_with_threads_to_split(tiny_model_dir):
+    from tuneforge.evaluation.offline import _fits_side_by_side
+
+    model = loading.load_reference(str(tiny_model_dir)).model
+    assert not _fits_side_by_side(model)  # this module runs on one thread
+    torch.set_num_threads(2)
+    try:
+        assert _fits_side_by_side(model)  # a few MB: fits anywhere
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_a_failing_side_raises_in_the_caller():
+    from tuneforge.evaluation.offline import _at_once
+
+    def fails():
+        raise ValueError("bad row")
+
+    with pytest.raises(ValueError, match="bad row"):
+        _at_once(lambda: 1, fails)
+    assert _at_once(lambda: 1, lambda: 2) == (1, 2)
