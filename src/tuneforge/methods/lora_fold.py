@@ -14,8 +14,10 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads with the first fold: method discovery imports this module
+    import torch
 
 #: Config keys that must hold one of these values for a plain fold (missing: the first, peft's
 #: default).
@@ -84,6 +86,8 @@ def _pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, to
 def _targets(base: torch.nn.Module, pairs, r: int) -> list | None:
     """(Linear, A, B) per adapted layer, or None where a layer is missing, not a plain fp32/bf16
     Linear, or the factors' shapes do not fit it (peft then says what is wrong)."""
+    import torch
+
     out = []
     for path, (a, b) in pairs.items():
         try:
@@ -100,12 +104,12 @@ def _targets(base: torch.nn.Module, pairs, r: int) -> list | None:
     return out
 
 
-@torch.no_grad()
 def fold_saved_lora(base: torch.nn.Module, adapter_dir: str | Path) -> bool:
     """Add the adapter saved in `adapter_dir` into `base`'s weights in place; True when done.
 
     False, with `base` untouched, wherever the adapter is not a plain LoRA on Linear layers of
     this model (load it with peft instead)."""
+    import torch
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
@@ -122,13 +126,20 @@ def fold_saved_lora(base: torch.nn.Module, adapter_dir: str | Path) -> bool:
         return False
     if not all(torch.isfinite(t).all() for _, a, b in targets for t in (a, b)):
         return False  # peft's safe merge refuses it with a message
-    for layer, a, b in targets:
-        device = layer.weight.device
-        delta = (b.to(device, torch.float32) @ a.to(device, torch.float32)) * scale
-        # peft's merge (the fp32 delta added into the weight's own dtype), into fresh memory: a
-        # weight still mapped from its safetensors file pays a copy-on-write fault per page when
-        # written in place (0.55 s against 0.15 s for the embedded model's 210 layers)
-        merged = torch.empty_like(layer.weight)
-        torch.add(layer.weight, delta, out=merged)
-        layer.weight.data = merged
+    with torch.no_grad():
+        for layer, a, b in targets:
+            _fold_one(layer, a, b, scale)
     return True
+
+
+def _fold_one(layer: torch.nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    """peft's merge (the fp32 delta added into the weight's own dtype), into fresh memory: a
+    weight still mapped from its safetensors file pays a copy-on-write fault per page when
+    written in place (0.55 s against 0.15 s for the embedded model's 210 layers)."""
+    import torch
+
+    device = layer.weight.device
+    delta = (b.to(device, torch.float32) @ a.to(device, torch.float32)) * scale
+    merged = torch.empty_like(layer.weight)
+    torch.add(layer.weight, delta, out=merged)
+    layer.weight.data = merged
