@@ -24,17 +24,16 @@ METRICS = ["loss", "accuracy", "exact_match"]
 GEN = {"max_new_tokens": 4, "lang": "en", "zh_mode": "word"}
 
 
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, tiny_model_dir):
-    """A LoRA run on the tiny model whose adapter moves every number: two steps from B = 0
-    barely change it, so its B matrices are then set to random values."""
-    tmp = tmp_path_factory.mktemp("shared-base")
+def _adapter_run(tmp, tiny_model_dir, method):
+    """A run on the tiny model whose adapter moves every number: two steps from B = 0 barely
+    change it, so its B matrices are then set to random values."""
     train = write_toy_messages(tmp / "train.jsonl", n=24)
     config = write_run_config(
         tmp / "run.yaml",
         tiny_model_dir,
         train,
         tmp / "run",
+        method=method,
         data={"validation": None},
         train={"max_steps": 2},
         eval={"every_steps": None},
@@ -51,6 +50,19 @@ def lora_run(tmp_path_factory, tiny_model_dir):
             tensors[name] = torch.randn(value.shape, generator=gen) * 0.5
     save_file(tensors, str(path), metadata=meta)
     return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir):
+    method = {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
+    return _adapter_run(tmp_path_factory.mktemp("shared-base"), tiny_model_dir, method)
+
+
+@pytest.fixture(scope="module")
+def dora_run(tmp_path_factory, tiny_model_dir):
+    """DoRA does not fold without peft: it loads through peft and merges in place."""
+    method = {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "dora": True}
+    return _adapter_run(tmp_path_factory.mktemp("shared-base-dora"), tiny_model_dir, method)
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +118,16 @@ def test_another_base_is_loaded_on_its_own(lora_run, tiny_model_dir, test_file, 
     assert evaluate_run_and_base(str(copy), str(copy), str(test_file), ["loss"]) is None
 
 
-def test_side_by_side_gives_the_numbers_of_one_after_the_other(lora_run, tiny_model_dir, test_file):
+@pytest.mark.parametrize("run_fixture", ["lora_run", "dora_run"])
+def test_side_by_side_gives_the_numbers_of_one_after_the_other(
+    run_fixture, request, tiny_model_dir, test_file
+):
     """Both models scored at once, each in a thread of its own (the run on its own copy of the
-    base): the same numbers, to the last bit, as the base first and the adapter onto it after."""
-    template = run_chat_template(lora_run)
-    args = (str(lora_run), str(tiny_model_dir), str(test_file), METRICS, 4)
+    base): the same numbers, to the last bit, as the base first and the adapter onto it after,
+    for an adapter folded without peft (LoRA) and one merged by peft in place (DoRA)."""
+    run = request.getfixturevalue(run_fixture)
+    template = run_chat_template(run)
+    args = (str(run), str(tiny_model_dir), str(test_file), METRICS, 4)
     serial = evaluate_run_and_base(*args, template=template, side_by_side=False, **GEN)
     both = evaluate_run_and_base(*args, template=template, side_by_side=True, **GEN)
     assert both == serial
