@@ -94,7 +94,7 @@ def test_one_load_gives_the_numbers_of_two(lora_run, tiny_model_dir, test_file):
 
 
 def test_cli_loads_the_runs_own_base_once(
-    lora_run, tiny_model_dir, test_file, tmp_path, monkeypatch
+    lora_run, tiny_model_dir, test_file, tmp_path, monkeypatch, capsys
 ):
     loads = []
     real = loading.load_model
@@ -104,6 +104,8 @@ def test_cli_loads_the_runs_own_base_once(
     args += ["--data", str(test_file), "--metrics", ",".join(METRICS), "--batch-size", "4"]
     assert main([*args, "--max-new-tokens", "4", "--lang", "en", "--output", str(out)]) == 0
     assert loads == [tiny_model_dir]
+    bars = capsys.readouterr().err
+    assert "eval base: loss + labels" in bars and f"eval {lora_run}: loss + labels" in bars
     rows = json.loads(out.read_text())
     assert list(rows) == [f"base ({tiny_model_dir})", str(lora_run)]  # the table's order
     want_base, want_run = _separately(lora_run, tiny_model_dir, test_file)

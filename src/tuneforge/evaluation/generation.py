@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from tuneforge.constants import IGNORE_INDEX
 from tuneforge.data.formats import Example
 from tuneforge.data.pipeline import TokenizedExample
 from tuneforge.data.templates import cut_at_text, end_of_turn, render, render_prompt
+from tuneforge.evaluation.progress import Progress, eval_bar
 from tuneforge.loading import answer_text, stopping_criteria
 
 
@@ -124,7 +124,7 @@ def generate_batched(
     autocast_dtype: torch.dtype | None = None,
     stop_texts: Sequence[str] = (),
     tokenizer: Any = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> list[list[int]]:
     """Greedy answers (token ids, stop token excluded) for each prompt, in the prompts' order.
 
@@ -153,9 +153,7 @@ def generate_batched(
     answers: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
-    bar = tqdm(
-        total=len(order), desc="eval generate", unit="row", disable=not progress, leave=False
-    )
+    bar = eval_bar("generate", progress, total=len(order), unit="row")
     try:
         for i in range(0, len(order), batch_size):
             rows = order[i : i + batch_size]
@@ -189,7 +187,7 @@ def generate_answers(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> list[str]:
     """Decoded greedy answers for `items`, cut at the end of turn (a special token or the
     template's text marker), stripped of special tokens and outer whitespace."""

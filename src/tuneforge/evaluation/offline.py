@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tuneforge.evaluation.progress import Progress
+
 if TYPE_CHECKING:
     from tuneforge.loading import Loaded
 
@@ -87,11 +89,13 @@ def evaluate_run_and_base(
     if side_by_side is None:
         side_by_side = _fits_side_by_side(base.model)
     if not side_by_side:
-        base_out = score(base)
-        return base_out, score(load_run(run, resolve_dtype("auto"), base=base.model, fold=True))
+        base_out = score(base, progress="base")
+        loaded = load_run(run, resolve_dtype("auto"), base=base.model, fold=True)
+        return base_out, score(loaded, progress=str(run))
     with _threads_each(2):
         return _at_once(
-            lambda: score(base), lambda: score(load_run(run, resolve_dtype("auto"), fold=True))
+            lambda: score(base, progress="base"),
+            lambda: score(load_run(run, resolve_dtype("auto"), fold=True), progress=str(run)),
         )
 
 
@@ -156,9 +160,12 @@ def evaluate_loaded(
     metrics: list[str],
     batch_size: int = 8,
     limit: int | None = None,
+    *,
+    progress: Progress = True,
     **generation: Any,
 ) -> dict[str, Any]:
-    """`evaluate_reference` on a model already loaded (its adapter folded in first)."""
+    """`evaluate_reference` on a model already loaded (its adapter folded in first); `progress`
+    names the model on its bars where it is a string."""
     from tuneforge.evaluation.runner import evaluate_file
     from tuneforge.evaluation.validation import TEXT_METRICS, score_file_generations
 
@@ -172,7 +179,7 @@ def evaluate_loaded(
         batch_size,
         limit,
         positions_aligned=loaded.positions_aligned,
-        progress=True,
+        progress=progress,
     )
     text = [m for m in metrics if m in TEXT_METRICS]
     if text:
@@ -184,7 +191,7 @@ def evaluate_loaded(
                 text,
                 batch_size,
                 limit,
-                progress=True,
+                progress=progress,
                 **generation,
             )
         )

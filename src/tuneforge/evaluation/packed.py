@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from tuneforge.constants import IGNORE_INDEX
 from tuneforge.data.formats import Example
@@ -21,6 +20,7 @@ from tuneforge.data.pipeline import TokenizedExample
 from tuneforge.data.templates import render
 from tuneforge.errors import DataError
 from tuneforge.evaluation.prefix_attention import PREFIX_ATTENTION, register_prefix_attention
+from tuneforge.evaluation.progress import Progress, eval_bar
 from tuneforge.train.attention import ATTENTION_NAME, use_packed_sdpa
 from tuneforge.train.fastpath import keeps_packed_examples_apart
 from tuneforge.train.loss import label_positions, lm_parts
@@ -328,7 +328,7 @@ def packed_pass(
     *,
     loss: bool,
     max_tokens: int,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> PassResult:
     """The summed loss of `examples` (when `loss`) and their log-likelihood of each label.
 
@@ -343,9 +343,7 @@ def packed_pass(
     was_training = model.training
     model.eval()
     try:
-        with tqdm(
-            total=len(rows), desc=f"eval {what}", unit="row", disable=not progress, leave=False
-        ) as bar:
+        with eval_bar(what, progress, total=len(rows), unit="row") as bar:
             for pack in pack_rows(rows, max_tokens):
                 pack_loss, pack_tokens = _score_pack(model, parts, pack, answers, scores, pad_id)
                 total, count = total + pack_loss, count + pack_tokens

@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from tuneforge.constants import IGNORE_INDEX
 from tuneforge.data.formats import Example, load_examples
@@ -26,6 +25,7 @@ from tuneforge.evaluation.packed import (
 )
 from tuneforge.evaluation.packed import split_prompt as _split_prompt
 from tuneforge.evaluation.packed import with_answer as _with_answer
+from tuneforge.evaluation.progress import Progress, eval_bar
 from tuneforge.train.loss import CausalLMLoss
 
 
@@ -56,7 +56,7 @@ def loss_metrics(
     batch_size: int = 8,
     *,
     positions_aligned: bool = True,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> dict[str, float]:
     """Token-weighted loss and perplexity of the reference answers.
 
@@ -68,13 +68,12 @@ def loss_metrics(
     batches = _length_sorted_batches(items, batch_size, tokenizer.pad_token_id)
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in tqdm(
-            batches,
+        for batch in eval_bar(
+            "loss",
+            progress,
+            iterable=batches,
             total=math.ceil(len(items) / batch_size),
-            desc="eval loss",
             unit="batch",
-            disable=not progress,
-            leave=False,
         ):
             n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             if n:
@@ -136,7 +135,7 @@ def label_predictions(
     examples: list[Example],
     labels: list[str],
     batch_size: int = 8,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> list[str]:
     """The most likely label for each example (summed token log-probabilities of the answer)."""
     prompts, answers = [], None
@@ -153,7 +152,7 @@ def label_predictions(
         answers = tails
     preds: list[str] = []
     starts = range(0, len(prompts), batch_size)
-    for i in tqdm(starts, desc="eval labels", unit="batch", disable=not progress, leave=False):
+    for i in eval_bar("labels", progress, iterable=starts, unit="batch"):
         scores = _score_answers(model, prompts[i : i + batch_size], answers, tokenizer.pad_token_id)
         preds.extend(labels[j] for j in scores.argmax(-1).tolist())
     return preds
@@ -167,7 +166,7 @@ def evaluate_examples(
     batch_size: int = 8,
     *,
     positions_aligned: bool = True,
-    progress: bool = False,
+    progress: Progress = False,
     labels: list[str] | None = None,
     batch_tokens: int | None = None,
 ) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from tuneforge.evaluation.generation import (
 )
 from tuneforge.evaluation.lang import check_lang, detect_lang
 from tuneforge.evaluation.metrics import classification_report, match_label
+from tuneforge.evaluation.progress import Progress
 from tuneforge.evaluation.score import META_KEY, score_texts
 from tuneforge.loading import answer_text
 from tuneforge.train.rundir import SAMPLES_FILE
@@ -68,7 +69,7 @@ def score_file_generations(
     max_new_tokens: int = 64,
     lang: str = "auto",
     zh_mode: str = "word",
-    progress: bool = False,
+    progress: Progress = False,
 ) -> dict[str, Any]:
     """Text metrics of greedy answers to every prompt of a data file (`tuneforge eval`)."""
     from tuneforge.data.formats import load_examples
