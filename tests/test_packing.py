@@ -174,6 +174,25 @@ def test_packing_probe_catches_attention_across_examples():
     assert not fast.packing and "attends across" in fast.notes[0]
 
 
+@pytest.mark.parametrize("method", ["freeze", "hybrid"])
+def test_bf16_runs_with_upcast_layers_keep_packing(method):
+    """Freeze and hybrid train some layers in fp32 beside frozen bf16 ones: the probe must run
+    them under autocast as training does (it raised a dtype error and turned packing off)."""
+    from tuneforge.recipes.parts import upcast_trainable
+
+    options = {"name": method}
+    if method == "hybrid":
+        options |= {"full_layers": [1], "r": 4}
+    built = build_method(build_config({"method": options}).method)
+    built.plan(10)
+    model = built.apply(build_tiny_llama(300).to(torch.bfloat16))
+    upcast_trainable(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16, torch.float32}
+    assert keeps_packed_examples_apart(model)
+    fast = prepare_fast_path(model, autocast=True, packing=True, compile=False, num_threads=None)
+    assert fast.packing and not fast.notes
+
+
 def test_prompt_learning_turns_packing_off():
     from peft import PromptTuningConfig, get_peft_model
 

@@ -21,7 +21,7 @@ from tuneforge.data.templates import render
 from tuneforge.errors import DataError
 from tuneforge.evaluation.prefix_attention import PREFIX_ATTENTION, register_prefix_attention
 from tuneforge.evaluation.progress import Progress, eval_bar
-from tuneforge.train.attention import ATTENTION_NAME, use_packed_sdpa
+from tuneforge.train.attention import ATTENTION_NAME, set_attention, use_packed_sdpa
 from tuneforge.train.fastpath import keeps_packed_examples_apart
 from tuneforge.train.loss import label_positions, lm_parts
 
@@ -132,11 +132,11 @@ def packed_attention(model: torch.nn.Module, positions_aligned: bool = True) -> 
     try:
         ok = ok and keeps_packed_examples_apart(model)
         if ok:
-            base.set_attn_implementation(register_prefix_attention())
+            set_attention(base, register_prefix_attention())
         yield ok
     finally:
         if before is not None and base.config._attn_implementation != before:
-            base.set_attn_implementation(before)
+            set_attention(base, before)
 
 
 def _common(a: Sequence[int], b: Sequence[int]) -> int:

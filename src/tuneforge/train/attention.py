@@ -159,5 +159,16 @@ def use_packed_sdpa(model: torch.nn.Module) -> bool:
     if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
         return False
     register()
-    model.set_attn_implementation(ATTENTION_NAME)
+    set_attention(model, ATTENTION_NAME)
     return True
+
+
+def set_attention(model: torch.nn.Module, name: str) -> None:
+    """Switch the model's attention to `name`, also in layers that carry a copy of the config
+    (peft's modules_to_save deep-copies a fully trained block, config and all; left on plain
+    SDPA, such a block would attend across packed examples)."""
+    model.set_attn_implementation(name)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not model.config and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = name

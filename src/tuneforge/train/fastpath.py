@@ -8,6 +8,8 @@ were (within bf16 rounding); the loss path itself is train/loss.py, packing is d
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 from dataclasses import dataclass, field
@@ -65,6 +67,15 @@ def keeps_packed_examples_apart(model: torch.nn.Module) -> bool:
     they get alone? True for the transformers models whose attention honours packed position
     ids (Llama, Qwen2, Mistral, ...), False for those that would attend across examples (GPT-2)."""
     param = next(model.parameters())
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    half = dtypes & {torch.bfloat16, torch.float16}
+    # Mixed dtypes (trained layers upcast beside frozen bf16 ones: freeze, hybrid) run only
+    # under autocast, as training runs them; without it every linear would refuse its input.
+    cast = (
+        torch.autocast(param.device.type, dtype=next(iter(half)))
+        if half and len(dtypes) > 1
+        else contextlib.nullcontext()
+    )
     vocab = model.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(0)
     parts = [torch.randint(0, vocab, (1, n), generator=gen).to(param.device) for n in (5, 7)]
@@ -72,7 +83,7 @@ def keeps_packed_examples_apart(model: torch.nn.Module) -> bool:
     was_training = model.training
     model.eval()  # no dropout, no NEFTune noise
     try:
-        with torch.no_grad():
+        with torch.no_grad(), cast:
             alone = [
                 model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
                 for ids, pos in zip(parts, positions, strict=True)
@@ -85,7 +96,7 @@ def keeps_packed_examples_apart(model: torch.nn.Module) -> bool:
     finally:
         model.train(was_training)
     together = torch.cat(alone, dim=1)
-    rel = 3e-2 if param.dtype in (torch.bfloat16, torch.float16) else 1e-4
+    rel = 3e-2 if half else 1e-4
     return bool((packed - together).abs().max() <= rel * together.abs().max() + 1e-6)
 
 
