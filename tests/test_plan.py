@@ -348,3 +348,18 @@ def test_train_refuses_a_run_over_memory_and_force_overrides(
     assert plan["predicted_peak_mb"] > 0 and plan["measured_peak_mb"] > 0
     assert plan["predicted_step_s"] > 0 and plan["measured_step_s"] > 0
     assert plan["peak_ratio"] > 10  # the base process was left out of this prediction on purpose
+
+
+def test_a_run_in_a_long_lived_process_measures_its_own_peak(tiny_run_config, tmp_path):
+    """The plan predicts from the memory the process holds when the run starts; the measured
+    peak must start there too, not at the process's lifetime peak (CI's suite, the web page)."""
+    from tuneforge.train.calibrate import current_rss_bytes, peak_rss_bytes
+
+    spike = b"\x01" * (1500 << 20)  # touched pages: 1.5 GB more at this process's peak
+    del spike
+    lifetime_mb, before_mb = peak_rss_bytes() / 2**20, current_rss_bytes() / 2**20
+    assert lifetime_mb > before_mb + 1400
+    assert main(["train", str(tiny_run_config), "--quiet", "--force"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert before_mb * 0.9 <= summary["peak_memory_mb"] < lifetime_mb - 1000
+    assert summary["plan"]["measured_peak_mb"] == summary["peak_memory_mb"]

@@ -128,11 +128,19 @@ def estimate(
     fresh_calibration: bool = False,
 ) -> Plan:
     """Predict memory and time for `cfg` on its prepared data; suggest changes over budget."""
-    from tuneforge.train.calibrate import available_memory_bytes, calibrate, current_rss_bytes
+    import torch
+
+    from tuneforge.train.calibrate import (
+        available_memory_bytes,
+        calibrate,
+        current_rss_bytes,
+        release_free_heap,
+    )
 
     arch = architecture(cfg.model.name)
     spec = method_spec(cfg.method.model_dump(), arch)
     work = workload(cfg, data, arch, spec)
+    release_free_heap()  # memory an earlier run in this process freed is not held
     base = current_rss_bytes()
     memory = memory_plan(arch, spec, work, base)
     tokens, example = typical_shapes(spec, work)
@@ -140,6 +148,7 @@ def estimate(
         arch,
         tokens,
         example,
+        torch.bfloat16 if work.weight_bytes == 2 else torch.float32,  # autocast's compute dtype
         threads=training_threads(cfg.train.num_threads),
         seconds=calibrate_seconds,
         refresh=fresh_calibration,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import resource
 import statistics
 from dataclasses import dataclass, field
 from functools import partial
@@ -46,6 +45,7 @@ from tuneforge.train.checkpoint import Checkpoint, find_checkpoint, load_checkpo
 from tuneforge.train.collective import gathered
 from tuneforge.train.guards import StopSignals
 from tuneforge.train.loop import LoopResult, train_loop
+from tuneforge.train.calibrate import peak_rss_bytes, reset_peak_rss
 from tuneforge.train.optim import describe_param_groups
 from tuneforge.train.regularize import l1_penalty
 from tuneforge.train.resume import TrainingState, set_rng_state, start_checkpointing
@@ -63,11 +63,21 @@ class TrainOutcome:
     checkpoint: Path | None = None  # the last checkpoint written
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Count peak memory from here: a run in a process that ran others before (tests, the web
+    page) reports its own peak, which is what the plan predicts (from the memory held now)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak resident memory of this process (CPU), or peak allocated CUDA memory."""
+    """Peak resident memory of this process since reset_peak_memory (CPU), or peak allocated
+    CUDA memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return peak_rss_bytes() / 2**20
 
 
 @dataclass
@@ -142,6 +152,7 @@ def _prepare(cfg: RunConfig, accelerator, run: RunDir | None, sinks: Any, force:
     data = prepare_run_data(cfg, tokenizer)
     if accelerator.is_main_process:
         _log_data(data)
+    reset_peak_memory(accelerator.device)  # the plan's base is the memory held now
     plan = check_memory(cfg, data, force=force) if accelerator.device.type == "cpu" else None
     built = build_training_model(cfg, model_dir, data, accelerator)
     check_method(accelerator.strategy, built.method)

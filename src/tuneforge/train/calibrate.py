@@ -7,6 +7,9 @@ these numbers is train/timing.py; only the shapes of the model reach here.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 
 from tuneforge.models import cache_root
 from tuneforge.paths import write_json_atomic
+from tuneforge.train import math_attention
 from tuneforge.train.dropout import drop_mask
 from tuneforge.train.estimate import FP32, Architecture
 from tuneforge.train.timing import ATTENTION_BACKWARD, Machine
@@ -41,6 +45,38 @@ def current_rss_bytes() -> int:
     except (OSError, IndexError, ValueError):
         return 0
     return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def release_free_heap() -> None:
+    """Collect garbage and hand glibc's free heap pages back to the system (malloc_trim), so the
+    resident memory is what is live; a no-op off glibc."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's peak-resident-memory count again from what is live now (Linux 4.0+
+    /proc/self/clear_refs "5"), so that a run inside a long-lived process (a test session, a
+    notebook) measures its own peak, not the process's. False where unsupported."""
+    release_free_heap()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since exec or the last reset_peak_rss (VmHWM;
+    getrusage's ru_maxrss where /proc cannot be read — it is never reset)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def available_memory_bytes(device: str = "cpu") -> int:
@@ -117,8 +153,14 @@ def attention_rates(arch: Architecture, n: int, dtype: torch.dtype, seconds: flo
             q = _randn(1, h, n, d, dtype=dtype, grad=grad)
             k, v = (_randn(1, kv_heads, n, d, dtype=dtype, grad=grad) for _ in range(2))
 
-            def run(q=q, k=k, v=v, kwargs=kwargs, grad=grad) -> None:
-                out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+            # bf16 training attends short examples with train/math_attention.py's kernel.
+            math = name == "attention" and math_attention.applies(q, 0.0, {})
+
+            def run(q=q, k=k, v=v, kwargs=kwargs, grad=grad, math=math) -> None:
+                if math:
+                    out = math_attention.causal_attention(q, k, v, None)
+                else:
+                    out = F.scaled_dot_product_attention(q, k, v, **kwargs)
                 if grad:
                     out.sum().backward()
 
