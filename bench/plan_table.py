@@ -25,6 +25,9 @@ LENGTHS = (256, 512, 1024)
 BATCHES = (4, 8)
 ASK = "For each review, answer positive or negative, one line each.\n\n"
 RESULTS = ROOT / "bench" / "results"
+HEAPS = {"tcmalloc": "tcmalloc (the console command)", "system": "glibc's malloc"}
+#: The `tuneforge` console script's own code: train re-executes itself under tcmalloc there.
+CONSOLE = "from tuneforge.cli.allocator import entry; entry()"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -39,6 +42,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="train.num_threads (default: all)")
     p.add_argument(
         "--model", default=MODEL, help="a built-in model name (default: the embedded one)"
+    )
+    p.add_argument(
+        "--allocator",
+        choices=("tcmalloc", "system"),
+        default="tcmalloc",
+        help="the heap `tuneforge train` runs on: tcmalloc, as the console command does where "
+        "it is installed (default), or glibc's (TUNEFORGE_ALLOCATOR=system)",
     )
     p.add_argument("--results", help="default: bench/results/plan_table[-MODEL].json")
     p.add_argument("--work-dir", help="default: runs/plan_table[/MODEL]")
@@ -142,6 +152,7 @@ def predict(config: str) -> dict[str, Any]:
     import peft  # noqa: F401
 
     from tuneforge.config import load_config
+    from tuneforge.heap import training_heap
     from tuneforge.recipes.parts import prepare_run_data
     from tuneforge.recipes.plan import estimate, plan_tokenizer
 
@@ -150,10 +161,12 @@ def predict(config: str) -> dict[str, Any]:
     data = prepare_run_data(cfg, plan_tokenizer(cfg))
     # Calibrated afresh: a cached calibration from a busier moment would test the cache, not
     # the model (a row measured 0.70 from one taken under another load, 0.94 when fresh).
-    plan = estimate(cfg, data, with_suggestions=False, fresh_calibration=True)
+    heap = training_heap()  # the child's environment says which heap train will run on
+    plan = estimate(cfg, data, with_suggestions=False, fresh_calibration=True, heap=heap)
     worst = plan.memory.peak_batch
     return {
         "plan_s": round(time.perf_counter() - started, 2),
+        "heap": heap,
         "peak_mb": plan.memory.peak_bytes / 2**20,
         "memory_items_mb": {k: v / 2**20 for k, v in plan.memory.items.items()},
         "step_s": plan.time.step_s,
@@ -163,8 +176,9 @@ def predict(config: str) -> dict[str, Any]:
     }
 
 
-def _child(args: list[str]) -> subprocess.CompletedProcess:
+def _child(args: list[str], allocator: str = "tcmalloc") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false"}
+    env["TUNEFORGE_ALLOCATOR"] = allocator
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env
     )
@@ -184,11 +198,11 @@ def run_row(row: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Predict, then train; the measured peak and the median step after the first."""
     config = write_config(args.model, row, args.steps, args.threads, work)
     load = [os.getloadavg()[0]]
-    planned = _child([__file__, "--predict", str(config)])
+    planned = _child([__file__, "--predict", str(config)], args.allocator)
     if planned.returncode != 0:
         return {"failed": "plan", "stderr": planned.stderr[-2000:]}
     started = time.perf_counter()
-    trained = _child(["-m", "tuneforge.cli", "train", str(config), "--quiet"])
+    trained = _child(["-c", CONSOLE, "train", str(config), "--quiet"], args.allocator)
     load.append(os.getloadavg()[0])
     if trained.returncode != 0:  # exit 2 with "exceeds the": the plan's own check refused it
         refused = trained.returncode == 2 and "exceeds the" in trained.stderr
@@ -226,7 +240,8 @@ def repredict(state: dict[str, Any], rows: list[str], args, work: Path, path: Pa
                 __file__,
                 "--predict",
                 str(write_config(args.model, row, args.steps, args.threads, work)),
-            ]
+            ],
+            state.get("allocator", "system"),  # rows measured before the option ran on glibc
         )
         if planned.returncode != 0:
             print(f"    {row}: plan failed: {planned.stderr[-600:]}", flush=True)
@@ -253,7 +268,8 @@ def markdown(state: dict[str, Any]) -> str:
     """The table for docs/plan.md, rows in the table's order, and the machine it ran on."""
     lines = [
         f"Model: {state.get('model', MODEL)}. Machine: {state['cpu']}, {state['threads']} torch threads, torch {state['torch']}; "
-        f"measured GEMM rate {state.get('gemm_gflops', 0):.0f} GFLOP/s (fp32, the model's shapes); "
+        f"measured GEMM rate {state.get('gemm_gflops', 0):.0f} GFLOP/s (the run's dtype, the "
+        f"model's shapes); train on {HEAPS[state.get('allocator', 'system')]}; "
         f"{state['steps']} steps a row, the first not timed; started {state['started']}.",
         "",
         "| row | tokens/step | peak predicted MB | peak measured MB | ratio "
@@ -324,6 +340,7 @@ def main(argv: list[str]) -> int:
     state.setdefault("rows", {})
     state.setdefault("started", time.strftime("%Y-%m-%d %H:%M %Z"))
     state.update(cpu=cpu_name(), torch=torch.__version__, steps=args.steps, model=args.model)
+    state["allocator"] = args.allocator
     omp = int(os.environ.get("OMP_NUM_THREADS") or 0)  # train keeps it (train/fastpath.py)
     state["threads"] = args.threads or omp or len(os.sched_getaffinity(0))
     for row in rows:

@@ -57,3 +57,15 @@ def test_training_runs_under_tcmalloc_and_can_opt_out(tmp_path, tiny_model_dir):
     assert heap_allocator() == "glibc"  # pytest itself was not preloaded
     assert _train(tmp_path, tiny_model_dir, "default") == "tcmalloc"
     assert _train(tmp_path, tiny_model_dir, "system", **{SWITCH: "system"}) == "glibc"
+
+
+def test_a_plan_made_elsewhere_sizes_the_heap_train_will_run_on(monkeypatch):
+    """`tuneforge plan` runs on glibc; the `train` it sizes runs on tcmalloc unless opted out."""
+    from tuneforge import heap
+
+    monkeypatch.setattr(heap, "tcmalloc_library", lambda: "libtcmalloc_minimal.so.4")
+    assert heap.training_heap({}) == "tcmalloc"
+    assert heap.training_heap({SWITCH: "system"}) == "glibc"
+    assert heap.training_heap({"LD_PRELOAD": "libjemalloc.so"}) == "glibc"
+    monkeypatch.setattr(heap, "tcmalloc_library", lambda: None)
+    assert heap.training_heap({}) == "glibc"

@@ -8,6 +8,7 @@ decides before anything heavy loads (cli/allocator.py); the web page's jobs use 
 from __future__ import annotations
 
 import ctypes.util
+import os
 
 #: Commands run under tcmalloc: the ones whose heap churns batch after batch. Evaluation's
 #: activations of a few MB each fault in fresh pages on every op under glibc: the quickstart's
@@ -47,3 +48,14 @@ def heap_allocator() -> str:
     except OSError:
         return "unknown"
     return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in text), "glibc")
+
+
+def training_heap(environ: dict[str, str] | None = None) -> str:
+    """The heap a `tuneforge train` started from here would run on, for a plan made in another
+    process: this one's when it is preloaded, tcmalloc where the console command would preload
+    it, else glibc."""
+    current = heap_allocator()
+    if current not in ("glibc", "unknown"):
+        return current
+    env = dict(os.environ if environ is None else environ)
+    return "tcmalloc" if preload_env(["train"], env, tcmalloc_library()) else "glibc"

@@ -42,11 +42,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import accelerate  # noqa: F401  (the trainer's imports, so the measured base is the trainer's)
     import peft  # noqa: F401
 
+    from tuneforge.heap import training_heap
     from tuneforge.recipes.parts import prepare_run_data
     from tuneforge.recipes.plan import estimate, plan_tokenizer
 
     data = prepare_run_data(cfg, plan_tokenizer(cfg))
-    plan = estimate(cfg, data, budget_bytes=budget)
+    plan = estimate(cfg, data, budget_bytes=budget, heap=training_heap())
     print(format_plan(plan))
     return 0
 

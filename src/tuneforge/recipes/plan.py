@@ -79,7 +79,9 @@ def plan_tokenizer(cfg: RunConfig):
     return tokenizer
 
 
-def workload(cfg: RunConfig, data: PreparedData, arch: Architecture, spec: MethodSpec) -> Workload:
+def workload(
+    cfg: RunConfig, data: PreparedData, arch: Architecture, spec: MethodSpec, heap: str = "glibc"
+) -> Workload:
     """The run's micro-batches over one epoch, in the loop's order, as (tokens, labelled) pairs."""
     from tuneforge.train.order import micro_batch_indices
 
@@ -109,6 +111,7 @@ def workload(cfg: RunConfig, data: PreparedData, arch: Architecture, spec: Metho
         weight_bytes=2 if _dtype(cfg) == "bf16" else 4,
         total_micro_batches=steps * t.grad_accum,
         dataset_tokens=sum(2 * len(ex.input_ids) for ex in [*data.train, *data.validation]),
+        heap=heap,
     )
 
 
@@ -126,10 +129,13 @@ def estimate(
     calibrate_seconds: float = 1.5,
     with_suggestions: bool = True,
     fresh_calibration: bool = False,
+    heap: str | None = None,
 ) -> Plan:
-    """Predict memory and time for `cfg` on its prepared data; suggest changes over budget."""
+    """Predict memory and time for `cfg` on its prepared data; suggest changes over budget.
+    `heap`: the malloc the training process runs on (default: this process's)."""
     import torch
 
+    from tuneforge.heap import heap_allocator
     from tuneforge.train.calibrate import (
         available_memory_bytes,
         calibrate,
@@ -139,7 +145,7 @@ def estimate(
 
     arch = architecture(cfg.model.name)
     spec = method_spec(cfg.method.model_dump(), arch)
-    work = workload(cfg, data, arch, spec)
+    work = workload(cfg, data, arch, spec, heap or heap_allocator())
     release_free_heap()  # memory an earlier run in this process freed is not held
     base = current_rss_bytes()
     memory = memory_plan(arch, spec, work, base)

@@ -41,11 +41,11 @@ from tuneforge.recipes.parts import (
 )
 from tuneforge.recipes.plan import Plan, check_memory
 from tuneforge.reporting.sinks import open_sinks
+from tuneforge.train.calibrate import peak_rss_bytes, reset_peak_rss
 from tuneforge.train.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
 from tuneforge.train.collective import gathered
 from tuneforge.train.guards import StopSignals
 from tuneforge.train.loop import LoopResult, train_loop
-from tuneforge.train.calibrate import peak_rss_bytes, reset_peak_rss
 from tuneforge.train.optim import describe_param_groups
 from tuneforge.train.regularize import l1_penalty
 from tuneforge.train.resume import TrainingState, set_rng_state, start_checkpointing

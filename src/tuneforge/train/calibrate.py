@@ -13,6 +13,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from dataclasses import asdict, fields

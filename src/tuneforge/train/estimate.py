@@ -14,7 +14,10 @@ from dataclasses import dataclass, field, replace
 FP32 = 4
 ADAM_STATES = 2  # AdamW keeps exp_avg and exp_avg_sq, fp32, per trainable parameter
 ALLOCATOR_SLACK = 0.10  # of the run's own bytes besides activations (docs/plan.md)
-HEAP_HOLES = 0.35  # of the activations: freed transients glibc cannot reuse (docs/plan.md)
+#: Of the activations: freed transients the heap cannot reuse (docs/plan.md). tcmalloc reuses
+#: them far better: 0.02-0.13 fitted on five bf16 rows here, against glibc's 0.27-0.38.
+HEAP_HOLES = {"glibc": 0.35, "tcmalloc": 0.10}
+MATH_ATTENTION_MAX = 512  # train/math_attention.py's MAX_LENGTH (this module stays torch-free)
 PY_INT_BYTES = 44  # a tokenised id in a Python list: the int object plus the list's pointer
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -186,6 +189,7 @@ class Workload:
     weight_bytes: int = FP32  # the load dtype: 4 fp32, 2 bf16
     total_micro_batches: int = 0  # of the whole run (0: one epoch)
     dataset_tokens: int = 0  # input + label ids held in memory by the tokenised data
+    heap: str = "glibc"  # the malloc training runs on (tuneforge/heap.py)
 
     def tokens(self, batch: Batch) -> int:
         """Positions the model runs: packed, the examples' sum; padded, rows x the longest."""
@@ -220,6 +224,47 @@ def _block_saved(
     return elements, inputs if method.dropout else 0
 
 
+def _block_bytes(
+    arch: Architecture, method: MethodSpec, trainable: bool, packed: bool, half: bool
+) -> tuple[int, int]:
+    """(bytes, mask bytes) autograd keeps per token in one block: _block_saved's elements at 4
+    bytes, or in a bf16 run (autocast) at the dtype each is kept in (tests/test_plan.py checks
+    both against saved-tensor hooks). bf16: RMSNorm still keeps an fp32 copy of its input and
+    its rsqrt, SDPA its fp32 log-sum-exp; everything else is bf16, and a trained block keeps
+    autocast's own bf16 copy of each linear's input and its norms' outputs (fp32 where the
+    embedding trains: its fp32 output makes the whole residual stream fp32)."""
+    elements, masks = _block_saved(arch, method, trainable, packed)
+    if not half:
+        return elements * FP32, masks
+    h, i, q = arch.hidden, arch.intermediate, arch.q_dim
+    kv = arch.kv_dim if packed else q
+    fp32 = 2 * (h + 1) + arch.heads
+    if trainable:
+        bf16 = 5 * h + 3 * q + 2 * kv + 4 * i  # q/k/v, o, gate/up, down inputs; SDPA; SwiGLU
+        if fp32_residual(method):
+            return (fp32 + 2 * h) * FP32 + bf16 * 2, 0
+        return fp32 * FP32 + (bf16 + 2 * h) * 2, 0
+    if method.name == "prefix":  # the trained fp32 virtual keys and values promote attention
+        fp32 += 2 * q + 2 * kv
+    return fp32 * FP32 + (elements - fp32) * 2, masks
+
+
+def fp32_residual(method: MethodSpec) -> bool:
+    """Whether a bf16 run's residual stream is fp32: the embedding trains (upcast to fp32)."""
+    return method.name == "full" or (method.name == "freeze" and method.head_trainable)
+
+
+def _math_attention_bytes(arch: Architecture, method: MethodSpec, work: Workload, batch) -> int:
+    """Per block, what bf16 training's math attention (train/math_attention.py) keeps beyond the
+    flash kernel's accounting: each short example's bf16 probabilities (heads x L x L) instead
+    of its output and log-sum-exp. It runs where the query is bf16 (the embedding frozen, so the
+    residual stream stays bf16) on packed examples of up to 512 tokens."""
+    if work.weight_bytes != 2 or not is_packed(method, work) or fp32_residual(method):
+        return 0
+    short = [n for n, _ in batch if n <= MATH_ATTENTION_MAX]
+    return sum(arch.heads * n * n * 2 - n * (arch.q_dim * 2 + arch.heads * FP32) for n in short)
+
+
 def path_layers(arch: Architecture, method: MethodSpec) -> tuple[int, int]:
     """(blocks on the gradient path, of which fully trainable): backward runs through the
     first, and computes weight gradients in the second."""
@@ -241,7 +286,10 @@ def _mask_path_extra(arch: Architecture, method: MethodSpec, work: Workload, bat
     per_row = width * (width + (virtual if method.name == "prefix" else 0))
     if method.name == "prefix":
         per_row += 3 * virtual * arch.q_dim
-    return len(batch) * per_row * FP32
+    # The mask comes in the attention's dtype: bf16 in a bf16 run, but prefix tuning's fp32
+    # virtual keys and values make it fp32.
+    size = FP32 if method.name == "prefix" else work.weight_bytes
+    return len(batch) * per_row * size
 
 
 def is_packed(method: MethodSpec, work: Workload) -> bool:
@@ -264,23 +312,36 @@ def activation_bytes(arch: Architecture, method: MethodSpec, work: Workload, bat
     packed = is_packed(method, work)
     tokens = positions(method, work, batch)
     on_path, trainable = path_layers(arch, method)
-    full_elements, _ = _block_saved(arch, method, True, packed)
-    elements, masks = _block_saved(arch, method, False, packed)
+    half = work.weight_bytes == 2
+    full_bytes, _ = _block_bytes(arch, method, True, packed, half)
+    frozen_bytes, masks = _block_bytes(arch, method, False, packed, half)
     extra = 0 if packed else _mask_path_extra(arch, method, work, batch)
     if work.gradient_checkpointing:  # each block keeps its input; one block is recomputed
-        one = max(full_elements, elements) * FP32 + masks
-        return tokens * (on_path * arch.hidden * FP32 + one) + extra
+        one = max(full_bytes, frozen_bytes + masks)
+        return tokens * (on_path * arch.hidden * work.weight_bytes + one) + extra
     frozen = on_path - trainable
-    per_token = trainable * full_elements * FP32 + frozen * (elements * FP32 + masks)
-    norm = (3 if method.name == "full" else 1) * arch.hidden + 1  # the final norm
-    copies = _lora_weight_copies(arch, method) if method.lora_like and frozen else 0
-    return tokens * (per_token + norm * FP32) + on_path * extra + copies
+    per_token = trainable * full_bytes + frozen * (frozen_bytes + masks)
+    norm = ((3 if method.name == "full" else 1) * arch.hidden + 1) * FP32  # the final norm
+    copies = _lora_weight_copies(arch, method, work) if method.lora_like and frozen else 0
+    if half:  # autocast keeps a bf16 copy of each trained linear's fp32 weight
+        linears = sum(a * b for a, b in arch.linears().values())
+        copies += trainable * linears * 2
+    attention = on_path * _math_attention_bytes(arch, method, work, batch)
+    if not fp32_residual(method) and method.name not in ("prompt", "ptuning"):
+        # The first block on the path gets its input from frozen layers, which need no
+        # gradient: its input norm keeps neither an fp32 copy of the input nor its rsqrt.
+        attention -= tokens * (arch.hidden + 1) * FP32
+    if half and method.name == "prefix":  # its first block still attends in bf16 (traced)
+        attention -= tokens * (2 * arch.q_dim + 2 * arch.q_dim) * 2 + extra // 2
+    return tokens * (per_token + norm) + on_path * extra + copies + attention
 
 
-def _lora_weight_copies(arch: Architecture, method: MethodSpec) -> int:
-    """The fused LoRA layer keeps scaled copies of A and B per call (train/fused_lora.py)."""
+def _lora_weight_copies(arch: Architecture, method: MethodSpec, work: Workload) -> int:
+    """The fused LoRA layer keeps scaled copies of A and B per call (train/fused_lora.py), in
+    the compute dtype."""
     linears = arch.linears()
-    return arch.layers * sum(method.r * sum(linears[t]) for t in method.targets) * FP32
+    per_layer = sum(method.r * sum(linears[t]) for t in method.targets)
+    return arch.layers * per_layer * work.weight_bytes
 
 
 def head_trains(method: MethodSpec, arch: Architecture) -> bool:
@@ -298,9 +359,10 @@ def loss_bytes(arch: Architecture, method: MethodSpec, work: Workload, batch: Ba
     if method.prompt_learning:
         return 2 * positions(method, work, batch) * arch.vocab * FP32
     labelled = sum(n for _, n in batch)
-    kept = labelled * arch.hidden * FP32
+    kept = labelled * arch.hidden * work.weight_bytes  # bf16 runs keep bf16 hidden states
     if head_trains(method, arch):
         kept += arch.vocab * arch.hidden * FP32
+        kept += arch.vocab * arch.hidden * 2 if work.weight_bytes == 2 else 0  # autocast's copy
     chunk = min(work.loss_chunk_tokens, max(labelled, 1)) * arch.vocab * FP32
     return kept + chunk
 
@@ -324,7 +386,7 @@ class MemoryPlan:
         return max(self.items, key=self.items.__getitem__)
 
 
-def allocator_slack(items: dict[str, int]) -> int:
+def allocator_slack(items: dict[str, int], heap: str = "glibc") -> int:
     """Resident bytes beyond the live set, from the other items of a training peak.
 
     A forward's transients (RoPE's, RMSNorm's, the masked copies) are freed between tensors that
@@ -334,11 +396,13 @@ def allocator_slack(items: dict[str, int]) -> int:
     even with the heap trimmed between steps; loading leaves ~0.1 GB behind. The share of the
     activations is fitted, not derived: 0.6 fitted four 4 x 256 rows on an AMD EPYC, and
     over-predicted the long rows of the 27-row table on an Intel Xeon by up to 24 %; 0.3 fits
-    those best (0.91-1.11), and 0.35 keeps the AMD rows within 10 % too (docs/plan.md).
+    those best (0.91-1.11), and 0.35 keeps the AMD rows within 10 % too (docs/plan.md). Five
+    bf16 rows on the AMD EPYC fit 0.27-0.38 under glibc and 0.02-0.13 under tcmalloc, which
+    `tuneforge train` runs on where installed (heap.py): tcmalloc's own share is 0.10.
     """
     acts = items["activations"]
     own = sum(v for k, v in items.items() if k not in ("base process", "activations"))
-    return int(ALLOCATOR_SLACK * own + HEAP_HOLES * acts)
+    return int(ALLOCATOR_SLACK * own + HEAP_HOLES.get(heap, HEAP_HOLES["glibc"]) * acts)
 
 
 def memory_plan(
@@ -379,7 +443,7 @@ def memory_plan(
         "loss": loss,
         "backward working set": working,
     }
-    items["allocator slack"] = allocator_slack(items)
+    items["allocator slack"] = allocator_slack(items, work.heap)
     training = sum(items.values())
     # Loading a checkpoint stored in bf16 into fp32 holds the stored copy while converting.
     stored = counts["total"] * 2 if work.weight_bytes == FP32 else 0

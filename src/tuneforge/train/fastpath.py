@@ -9,7 +9,6 @@ were (within bf16 rounding); the loss path itself is train/loss.py, packing is d
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import os
 from dataclasses import dataclass, field

@@ -225,7 +225,11 @@ def micro_batch_seconds(
         "LoRA matmuls": tokens * on_path * lora.flops / m.rate("lora_flops"),
         "attention": on_path_attention / m.rate(f"{masked}attention_flops")
         + forward_attention / m.rate(f"{masked}attention_forward_flops"),
-        "memory-bound passes": tokens * (elements + on_path * lora.elements) * FP32 / m.bandwidth
+        # bf16 runs keep activations in bf16 between ops (norms upcast inside their kernel).
+        "memory-bound passes": tokens
+        * (elements + on_path * lora.elements)
+        * work.weight_bytes
+        / m.bandwidth
         + tokens * silu / m.rate("silu_rate"),
         "dropout masks": tokens * on_path * lora.drawn / m.rate("mask_rate")
         + tokens * on_path * lora.filled / m.rate("masked_fill_rate"),
