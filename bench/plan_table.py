@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tuneforge.heap import preload_env, tcmalloc_library
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
 METHODS = ("full", "lora", "prefix", "freeze")
@@ -179,6 +181,8 @@ def predict(config: str) -> dict[str, Any]:
 def _child(args: list[str], allocator: str = "tcmalloc") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false"}
     env["TUNEFORGE_ALLOCATOR"] = allocator
+    # The prediction runs on the heap train will run on, as `tuneforge plan` does (heap.py).
+    env = preload_env(["plan"], env, tcmalloc_library()) or env
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env
     )

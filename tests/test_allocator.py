@@ -14,11 +14,12 @@ from helpers import write_run_config, write_toy_messages
 LIB = "libtcmalloc_minimal.so.4"
 
 
-def test_preload_env_only_for_training_and_evaluation_and_only_once():
+def test_preload_env_only_for_training_evaluation_and_planning_and_only_once():
     env = preload_env(["-v", "train", "run.yaml"], {"PATH": "/bin"}, LIB)
     assert env["LD_PRELOAD"] == LIB and env["PATH"] == "/bin" and env[SWITCH] == "tcmalloc"
     assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40
     assert preload_env(["eval", "--model", "x"], {}, LIB)["LD_PRELOAD"] == LIB  # evaluation too
+    assert preload_env(["plan", "run.yaml"], {}, LIB)["LD_PRELOAD"] == LIB  # times train's heap
     assert preload_env(["data", "check", "x.jsonl"], {}, LIB) is None  # no heap churn there
     assert preload_env(["train", "run.yaml"], {}, None) is None  # tcmalloc not installed
     assert preload_env(["train", "run.yaml"], {SWITCH: "system"}, LIB) is None  # opted out

@@ -90,8 +90,9 @@ def test_step_time_hand_computed():
     spec = MethodSpec("lora", r=2, dropout=True)
     plan = time_plan(TOY, spec, Workload(batches=[BATCH]), MACHINE)
     # The LoRA branches: inputs of the 7 linears sum to 64, outputs to 64; per position and
-    # block 6 * r * 128 = 1,536 rank-r FLOPs, 3*64 + 7*64 = 640 elementwise elements, 64 mask
-    # elements drawn and 3 * 64 masked-filled. Memory-bound elements per position: a block's
+    # block 6 * r * 128 = 1,536 rank-r FLOPs, 3*64 + 7*64 = 640 elementwise elements, 40 mask
+    # elements drawn (one mask per distinct input: q/k/v share one, gate/up one: 8 + o 8 + 8 +
+    # down 16) and 3 * 40 masked-filled. Memory-bound elements per position: a block's
     # forward 20h + 10(q + kv) + 4q + 3i = 160+120+32+48 = 360, backward 51h + 10(q + kv) + 4q
     # + 6i = 408+120+32+96 = 656; two blocks and their branches: 2 * (360 + 656 + 640) =
     # 3,312; SiLU 16 forward and 2 x 16 backward a block: 96. 10 positions.
@@ -102,7 +103,7 @@ def test_step_time_hand_computed():
         "LoRA matmuls": 10 * 2 * 1_536 / 2e5,
         "attention": 6_944 / 5e5,
         "memory-bound passes": 3_312 * 10 * 4 / 1e8 + 96 * 10 / 1e7,
-        "dropout masks": 10 * 2 * 64 / 1e7 + 10 * 2 * 192 / 2e7,
+        "dropout masks": 10 * 2 * 40 / 1e7 + 10 * 2 * 120 / 2e7,
         "loss logits": 3 * 10 / 3e6,  # 3 labelled positions x vocab 10 at the loss rate
         "op overhead": (2 * (205 + 18) + 85 + 14) * 1e-6 + 14 * 5e-5,
         "optimizer + clipping": 512 * 96 / 1e8 + 28 * 20 * 1e-6,

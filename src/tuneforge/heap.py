@@ -13,7 +13,10 @@ import os
 #: Commands run under tcmalloc: the ones whose heap churns batch after batch. Evaluation's
 #: activations of a few MB each fault in fresh pages on every op under glibc: the quickstart's
 #: `eval --compare` takes 16.0 s under tcmalloc against 17.6 s (medians of 4, bench/notes.md).
-COMMANDS = frozenset({"train", "eval"})
+#: `plan` times the machine for a `train` that runs on tcmalloc: bf16 attention over a
+#: 512-token example took 15-16 ms a call under glibc (fresh pages for its score buffers) and
+#: 8.3 ms under tcmalloc, as in training, so a plan on glibc predicted lora-512-8 at 1.6x.
+COMMANDS = frozenset({"train", "eval", "plan"})
 #: TUNEFORGE_ALLOCATOR=system keeps glibc's malloc.
 SWITCH = "TUNEFORGE_ALLOCATOR"
 

@@ -21,6 +21,7 @@ from tuneforge.train.estimate import (
     MemoryPlan,
     MethodSpec,
     Workload,
+    fp32_residual,
     is_packed,
     memory_plan,
     method_spec,
@@ -159,6 +160,7 @@ def estimate(
         seconds=calibrate_seconds,
         refresh=fresh_calibration,
         lora=(spec.r, 0.1 if spec.dropout else 0.0) if spec.lora_like else None,
+        math_attention=not fp32_residual(spec),
     )
     timing = time_plan(arch, spec, work, machine)
     source = "--memory" if budget_bytes is not None else "available"

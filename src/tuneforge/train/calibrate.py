@@ -136,10 +136,14 @@ def gemm_rates(arch: Architecture, m: int, dtype: torch.dtype, seconds: float) -
     return {name: flops / _timed(fn, seconds / 3) for name, fn in kinds.items()}
 
 
-def attention_rates(arch: Architecture, n: int, dtype: torch.dtype, seconds: float) -> dict:
+def attention_rates(
+    arch: Architecture, n: int, dtype: torch.dtype, seconds: float, math: bool = True
+) -> dict:
     """FLOP/s (as train/timing.py counts them) of SDPA over one n-token example: causal
     without a mask (the packed path, keys and values at their own heads), and with a boolean
-    padding mask (keys and values repeated to every head); forward alone, and with backward."""
+    padding mask (keys and values repeated to every head); forward alone, and with backward.
+    `math`: the packed path's backward runs train/math_attention.py's kernel where bf16
+    training would (a run whose residual stream is fp32, as full fine-tuning's, keeps SDPA)."""
     h, kv, d = arch.heads, arch.kv_heads, arch.head_dim
     causal_flops = 4 * n * (n + 1) // 2 * arch.q_dim
     masked_flops = 4 * n * n * arch.q_dim
@@ -155,10 +159,10 @@ def attention_rates(arch: Architecture, n: int, dtype: torch.dtype, seconds: flo
             k, v = (_randn(1, kv_heads, n, d, dtype=dtype, grad=grad) for _ in range(2))
 
             # bf16 training attends short examples with train/math_attention.py's kernel.
-            math = name == "attention" and math_attention.applies(q, 0.0, {})
+            use_math = math and name == "attention" and math_attention.applies(q, 0.0, {})
 
-            def run(q=q, k=k, v=v, kwargs=kwargs, grad=grad, math=math) -> None:
-                if math:
+            def run(q=q, k=k, v=v, kwargs=kwargs, grad=grad, use_math=use_math) -> None:
+                if use_math:
                     out = math_attention.causal_attention(q, k, v, None)
                 else:
                     out = F.scaled_dot_product_attention(q, k, v, **kwargs)
@@ -283,6 +287,7 @@ def measure(
     dtype: torch.dtype,
     seconds: float = 1.5,
     lora: tuple[int, float] | None = None,
+    math: bool = True,
 ) -> Machine:
     """This machine's rates at the model's shapes: GEMMs over `tokens` positions (at most
     1024: the rate is flat beyond), attention over `example`-token examples, passes over a
@@ -295,7 +300,7 @@ def measure(
             gemm = gemm_rates(arch, m, dtype, seconds * 0.4)
             if lora:
                 gemm["lora_flops"] = lora_rate(arch, m, lora[0], dtype, seconds * 0.1)
-        attention = attention_rates(arch, n, dtype, seconds * 0.25)
+        attention = attention_rates(arch, n, dtype, seconds * 0.25, math)
         passes = pass_rates(arch.hidden, _bucket(tokens, 64, 16384), seconds * 0.2)
         if lora:
             passes["lora_branch_s"] = branch_seconds(lora[1], seconds * 0.05)
@@ -319,16 +324,19 @@ def calibrate(
     use_cache: bool = True,
     refresh: bool = False,
     lora: tuple[int, float] | None = None,
+    math_attention: bool = True,
 ) -> Machine:
     """This machine's speeds at the model's shapes with `threads` torch threads (default: as
     now), measured once and cached (`refresh`: measured again now, and the cache updated);
-    `lora` (rank, dropout) adds a LoRA method's branches."""
+    `lora` (rank, dropout) adds a LoRA method's branches; `math_attention` False times bf16
+    attention with SDPA alone (attention_rates)."""
     n = _bucket(example, 32, ATTENTION_MAX)
     sizes = f"m{_bucket(tokens, 64, 1024)}n{n}a{_bucket(tokens, 64, 16384)}"
     before = torch.get_num_threads()
     threads = threads or before
     shape = f"{arch.hidden}x{arch.intermediate}x{arch.heads}x{arch.kv_heads}x{arch.head_dim}"
     sizes += f"r{lora[0]}p{lora[1]}" if lora else ""
+    sizes += "" if math_attention else "sdpa"
     key = "|".join([cpu_name(), str(threads), torch.__version__, str(dtype), shape, sizes])
     path = cache_root() / CALIBRATION_FILE
     cached = _read(path) if use_cache else {}
@@ -337,7 +345,7 @@ def calibrate(
         return Machine(**cached[key])
     torch.set_num_threads(threads)
     try:
-        machine = measure(arch, tokens, example, dtype, seconds, lora)
+        machine = measure(arch, tokens, example, dtype, seconds, lora, math_attention)
     finally:
         torch.set_num_threads(before)
     if use_cache:

@@ -16,6 +16,7 @@ from tuneforge.train.estimate import (
     Batch,
     MethodSpec,
     Workload,
+    fp32_residual,
     head_trains,
     is_packed,
     path_layers,
@@ -185,16 +186,23 @@ class LoraWork:
     filled: int = 0
 
 
+#: Linears that read the same input tensor in a Llama block.
+SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+
+
 def lora_work(arch: Architecture, method: MethodSpec) -> LoraWork:
     """The LoRA branches' work per position and block (none for other methods)."""
     if not method.lora_like:
         return LoraWork()
-    flops = elements = drawn = 0
+    flops = elements = 0
     for target in method.targets:
         n_in, n_out = arch.linears()[target]
         flops += 6 * method.r * (n_in + n_out)  # x A, h B; grads of A, B, h and x
         elements += 3 * n_in + 7 * n_out
-        drawn += n_in if method.dropout else 0
+    # The fused layers draw one mask per distinct input: q/k/v share one, gate/up another
+    # (train/fused_lora.py share_masks).
+    inputs = {SHARED_INPUT.get(t, t): arch.linears()[t][0] for t in method.targets}
+    drawn = sum(inputs.values()) if method.dropout else 0
     return LoraWork(flops, elements, drawn, 3 * drawn)
 
 
@@ -211,6 +219,7 @@ def micro_batch_seconds(
     reruns = on_path if work.gradient_checkpointing else 0
     elements = (arch.layers + reruns) * forward + on_path * backward + trainable * 8 * arch.hidden
     lora = lora_work(arch, method)
+    pass_bytes = FP32 if fp32_residual(method) else work.weight_bytes
     silu = (arch.layers + reruns + 2 * on_path) * arch.intermediate
     logits = head_positions(method, work, batch) * arch.vocab
     chunks = math.ceil(sum(n for _, n in batch) / max(work.loss_chunk_tokens, 1))
@@ -225,10 +234,11 @@ def micro_batch_seconds(
         "LoRA matmuls": tokens * on_path * lora.flops / m.rate("lora_flops"),
         "attention": on_path_attention / m.rate(f"{masked}attention_flops")
         + forward_attention / m.rate(f"{masked}attention_forward_flops"),
-        # bf16 runs keep activations in bf16 between ops (norms upcast inside their kernel).
+        # bf16 runs keep activations in bf16 between ops, unless a trained embedding makes the
+        # residual stream fp32 (estimate.fp32_residual).
         "memory-bound passes": tokens
         * (elements + on_path * lora.elements)
-        * work.weight_bytes
+        * pass_bytes
         / m.bandwidth
         + tokens * silu / m.rate("silu_rate"),
         "dropout masks": tokens * on_path * lora.drawn / m.rate("mask_rate")
