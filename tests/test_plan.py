@@ -18,6 +18,7 @@ from tuneforge.errors import PlanError
 from tuneforge.methods import build_method
 from tuneforge.recipes.parts import count_params, upcast_trainable
 from tuneforge.train.estimate import (
+    MATH_ATTENTION_MAX,
     Architecture,
     MethodSpec,
     Workload,
@@ -161,6 +162,7 @@ def test_activation_arithmetic_matches_what_autograd_saves(options, dtype, monke
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
         measured = _saved_bytes(model.train(), batch, positions_aligned=not spec.prompt_learning)
     assert predicted == pytest.approx(measured, rel=0.03)
+    assert MATH_ATTENTION_MAX == math_attention.MAX_LENGTH  # the estimate's copy of the limit
 
 
 def test_memory_plan_hand_computed():

@@ -326,14 +326,15 @@ def activation_bytes(arch: Architecture, method: MethodSpec, work: Workload, bat
     if half:  # autocast keeps a bf16 copy of each trained linear's fp32 weight
         linears = sum(a * b for a, b in arch.linears().values())
         copies += trainable * linears * 2
-    attention = on_path * _math_attention_bytes(arch, method, work, batch)
+    adjust = on_path * _math_attention_bytes(arch, method, work, batch)
     if not fp32_residual(method) and method.name not in ("prompt", "ptuning"):
         # The first block on the path gets its input from frozen layers, which need no
         # gradient: its input norm keeps neither an fp32 copy of the input nor its rsqrt.
-        attention -= tokens * (arch.hidden + 1) * FP32
-    if half and method.name == "prefix":  # its first block still attends in bf16 (traced)
-        attention -= tokens * (2 * arch.q_dim + 2 * arch.q_dim) * 2 + extra // 2
-    return tokens * (per_token + norm) + on_path * extra + copies + attention
+        adjust -= tokens * (arch.hidden + 1) * FP32
+    if half and method.name == "prefix":  # its first block still attends in bf16 (traced):
+        # q, output and the repeated k and v (4 x q wide, padded) and its mask at half size.
+        adjust -= tokens * 4 * arch.q_dim * 2 + extra // 2
+    return tokens * (per_token + norm) + on_path * extra + copies + adjust
 
 
 def _lora_weight_copies(arch: Architecture, method: MethodSpec, work: Workload) -> int:
