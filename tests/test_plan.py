@@ -122,14 +122,22 @@ def _saved_bytes(model, batch, positions_aligned: bool = True) -> int:
     ],
     ids=lambda o: "-".join(str(v) for v in o.values()),
 )
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_activation_arithmetic_matches_what_autograd_saves(options, dtype, monkeypatch):
-    """The per-op accounting of _block_bytes against saved-tensor hooks on a real model, in fp32
-    and in a bf16 run (bf16 weights, trained ones upcast, autocast; short examples through the
-    math attention kernel, switched on here whatever the CPU)."""
+@pytest.mark.parametrize(
+    "dtype, math_max",
+    [(torch.float32, 512), (torch.bfloat16, 512), (torch.bfloat16, 32)],
+    ids=["fp32", "bf16", "bf16-long"],
+)
+def test_activation_arithmetic_matches_what_autograd_saves(options, dtype, math_max, monkeypatch):
+    """The per-op accounting of _block_bytes and _attention_bytes against saved-tensor hooks on
+    a real model, in fp32 and in a bf16 run (bf16 weights, trained ones upcast, autocast; short
+    examples through the math attention kernel, switched on here whatever the CPU; with its
+    limit at 32 tokens, two of the three examples go to SDPA upcast to fp32 instead)."""
+    import tuneforge.train.estimate as estimate
     import tuneforge.train.math_attention as math_attention
 
     monkeypatch.setattr(math_attention, "_native_bf16", lambda: True)
+    monkeypatch.setattr(math_attention, "MAX_LENGTH", math_max)
+    monkeypatch.setattr(estimate, "MATH_ATTENTION_MAX", math_max)
     half = dtype == torch.bfloat16
     gen = torch.Generator().manual_seed(0)
     model = _wrapped(options, build_tiny_llama(300, num_hidden_layers=3).to(dtype))
@@ -162,7 +170,12 @@ def test_activation_arithmetic_matches_what_autograd_saves(options, dtype, monke
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
         measured = _saved_bytes(model.train(), batch, positions_aligned=not spec.prompt_learning)
     assert predicted == pytest.approx(measured, rel=0.03)
-    assert MATH_ATTENTION_MAX == math_attention.MAX_LENGTH  # the estimate's copy of the limit
+
+
+def test_the_estimate_knows_the_math_attention_limit():
+    from tuneforge.train.math_attention import MAX_LENGTH
+
+    assert MATH_ATTENTION_MAX == MAX_LENGTH
 
 
 def test_memory_plan_hand_computed():

@@ -227,26 +227,24 @@ def _block_saved(
 def _block_bytes(
     arch: Architecture, method: MethodSpec, trainable: bool, packed: bool, half: bool
 ) -> tuple[int, int]:
-    """(bytes, mask bytes) autograd keeps per token in one block: _block_saved's elements at 4
-    bytes, or in a bf16 run (autocast) at the dtype each is kept in (tests/test_plan.py checks
-    both against saved-tensor hooks). bf16: RMSNorm still keeps an fp32 copy of its input and
-    its rsqrt, SDPA its fp32 log-sum-exp; everything else is bf16, and a trained block keeps
-    autocast's own bf16 copy of each linear's input and its norms' outputs (fp32 where the
-    embedding trains: its fp32 output makes the whole residual stream fp32)."""
+    """(bytes, mask bytes) autograd keeps per token in one block, attention aside
+    (_attention_bytes): _block_saved's elements at 4 bytes, or in a bf16 run (autocast) at the
+    dtype each is kept in (tests/test_plan.py checks both against saved-tensor hooks). bf16:
+    RMSNorm still keeps an fp32 copy of its input and its rsqrt; everything else is bf16, and a
+    trained block keeps autocast's own bf16 copy of each linear's input, and its norms' outputs
+    (fp32 where the embedding trains: its fp32 output makes the whole residual stream fp32)."""
     elements, masks = _block_saved(arch, method, trainable, packed)
-    if not half:
-        return elements * FP32, masks
     h, i, q = arch.hidden, arch.intermediate, arch.q_dim
-    kv = arch.kv_dim if packed else q
-    fp32 = 2 * (h + 1) + arch.heads
+    attention = 2 * q + 2 * (arch.kv_dim if packed else q) + arch.heads
+    if not half:
+        return (elements - attention) * FP32, masks
+    norms = 2 * (h + 1)
     if trainable:
-        bf16 = 5 * h + 3 * q + 2 * kv + 4 * i  # q/k/v, o, gate/up, down inputs; SDPA; SwiGLU
+        bf16 = 5 * h + q + 4 * i  # q/k/v, o, gate/up and down inputs; SwiGLU's three
         if fp32_residual(method):
-            return (fp32 + 2 * h) * FP32 + bf16 * 2, 0
-        return fp32 * FP32 + (bf16 + 2 * h) * 2, 0
-    if method.name == "prefix":  # the trained fp32 virtual keys and values promote attention
-        fp32 += 2 * q + 2 * kv
-    return fp32 * FP32 + (elements - fp32) * 2, masks
+            return (norms + 2 * h) * FP32 + bf16 * 2, 0
+        return norms * FP32 + (bf16 + 2 * h) * 2, 0
+    return norms * FP32 + (elements - norms - attention) * 2, masks
 
 
 def fp32_residual(method: MethodSpec) -> bool:
@@ -254,15 +252,42 @@ def fp32_residual(method: MethodSpec) -> bool:
     return method.name == "full" or (method.name == "freeze" and method.head_trainable)
 
 
-def _math_attention_bytes(arch: Architecture, method: MethodSpec, work: Workload, batch) -> int:
-    """Per block, what bf16 training's math attention (train/math_attention.py) keeps beyond the
-    flash kernel's accounting: each short example's bf16 probabilities (heads x L x L) instead
-    of its output and log-sum-exp. It runs where the query is bf16 (the embedding frozen, so the
-    residual stream stays bf16) on packed examples of up to 512 tokens."""
-    if work.weight_bytes != 2 or not is_packed(method, work) or fp32_residual(method):
-        return 0
+def _attention_bytes(
+    arch: Architecture, method: MethodSpec, work: Workload, batch: Batch, grad: bool
+) -> int:
+    """What one block's attention keeps for the micro-batch, by the kernel that runs it
+    (train/attention.py): q, k and v (repeated to every head when padded), the output and the
+    fp32 log-sum-exp, plus a padded batch's mask (_mask_path_extra).
+
+    fp32 runs keep them in fp32. In a bf16 run: where the residual stream is fp32, autocast runs
+    SDPA in bf16; where it is bf16 and the query needs a gradient (`grad`), a packed example of
+    up to 512 tokens goes to the math kernel (a bf16 q and its heads x L x L probabilities, no
+    output; views of k and v, which keep the whole row's bf16 k and v), anything else to SDPA upcast to fp32 (its backward is faster so); a query that
+    needs no gradient (the first block of prefix tuning, or of a LoRA that leaves q_proj alone)
+    stays in bf16."""
+    packed = is_packed(method, work)
+    q, kv = arch.q_dim, arch.kv_dim if packed else arch.q_dim
+    lse = arch.heads * FP32
+    extra = 0 if packed else _mask_path_extra(arch, method, work, batch)
+    half = work.weight_bytes == 2
+    size = FP32 if not half or (grad and not fp32_residual(method)) else 2
+    if not half or fp32_residual(method) or not grad or not packed:
+        tokens = positions(method, work, batch)
+        return tokens * ((2 * q + 2 * kv) * size + lse) + extra * size // FP32
     short = [n for n, _ in batch if n <= MATH_ATTENTION_MAX]
-    return sum(arch.heads * n * n * 2 - n * (arch.q_dim * 2 + arch.heads * FP32) for n in short)
+    long = sum(n for n, _ in batch if n > MATH_ATTENTION_MAX)
+    # The math kernel keeps views of the packed row's k and v: their whole bf16 storage stays.
+    total = positions(method, work, batch) * 2 * kv * 2 if short else 0
+    total += sum(n * q * 2 + arch.heads * n * n * 2 for n in short)
+    return total + long * ((2 * q + 2 * kv) * FP32 + lse)
+
+
+def first_query_needs_grad(method: MethodSpec) -> bool:
+    """Whether the first block on the gradient path computes a query autograd must track:
+    its input does (prompt tuning's virtual tokens), or q_proj trains or carries an adapter."""
+    if method.name in ("full", "freeze", "prompt", "ptuning"):
+        return True
+    return method.lora_like and "q_proj" in method.targets
 
 
 def path_layers(arch: Architecture, method: MethodSpec) -> tuple[int, int]:
@@ -286,10 +311,7 @@ def _mask_path_extra(arch: Architecture, method: MethodSpec, work: Workload, bat
     per_row = width * (width + (virtual if method.name == "prefix" else 0))
     if method.name == "prefix":
         per_row += 3 * virtual * arch.q_dim
-    # The mask comes in the attention's dtype: bf16 in a bf16 run, but prefix tuning's fp32
-    # virtual keys and values make it fp32.
-    size = FP32 if method.name == "prefix" else work.weight_bytes
-    return len(batch) * per_row * size
+    return len(batch) * per_row * FP32  # in fp32; _attention_bytes sizes it by its kernel
 
 
 def is_packed(method: MethodSpec, work: Workload) -> bool:
@@ -315,10 +337,10 @@ def activation_bytes(arch: Architecture, method: MethodSpec, work: Workload, bat
     half = work.weight_bytes == 2
     full_bytes, _ = _block_bytes(arch, method, True, packed, half)
     frozen_bytes, masks = _block_bytes(arch, method, False, packed, half)
-    extra = 0 if packed else _mask_path_extra(arch, method, work, batch)
+    attention = _attention_bytes(arch, method, work, batch, grad=True)
     if work.gradient_checkpointing:  # each block keeps its input; one block is recomputed
         one = max(full_bytes, frozen_bytes + masks)
-        return tokens * (on_path * arch.hidden * work.weight_bytes + one) + extra
+        return tokens * (on_path * arch.hidden * work.weight_bytes + one) + attention
     frozen = on_path - trainable
     per_token = trainable * full_bytes + frozen * (frozen_bytes + masks)
     norm = ((3 if method.name == "full" else 1) * arch.hidden + 1) * FP32  # the final norm
@@ -326,15 +348,16 @@ def activation_bytes(arch: Architecture, method: MethodSpec, work: Workload, bat
     if half:  # autocast keeps a bf16 copy of each trained linear's fp32 weight
         linears = sum(a * b for a, b in arch.linears().values())
         copies += trainable * linears * 2
-    adjust = on_path * _math_attention_bytes(arch, method, work, batch)
+    if not on_path:
+        return tokens * norm + copies
+    # The first block's query may need no gradient, which changes its kernel.
+    first = _attention_bytes(arch, method, work, batch, first_query_needs_grad(method))
+    attention = (on_path - 1) * attention + first
     if not fp32_residual(method) and method.name not in ("prompt", "ptuning"):
         # The first block on the path gets its input from frozen layers, which need no
         # gradient: its input norm keeps neither an fp32 copy of the input nor its rsqrt.
-        adjust -= tokens * (arch.hidden + 1) * FP32
-    if half and method.name == "prefix":  # its first block still attends in bf16 (traced):
-        # q, output and the repeated k and v (4 x q wide, padded) and its mask at half size.
-        adjust -= tokens * 4 * arch.q_dim * 2 + extra // 2
-    return tokens * (per_token + norm) + on_path * extra + copies + adjust
+        attention -= tokens * (arch.hidden + 1) * FP32
+    return tokens * (per_token + norm) + copies + attention
 
 
 def _lora_weight_copies(arch: Architecture, method: MethodSpec, work: Workload) -> int:
