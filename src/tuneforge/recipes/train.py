@@ -152,8 +152,8 @@ def _prepare(cfg: RunConfig, accelerator, run: RunDir | None, sinks: Any, force:
     data = prepare_run_data(cfg, tokenizer)
     if accelerator.is_main_process:
         _log_data(data)
-    reset_peak_memory(accelerator.device)  # the plan's base is the memory held now
     plan = check_memory(cfg, data, force=force) if accelerator.device.type == "cpu" else None
+    reset_peak_memory(accelerator.device)  # from about the plan's base (the free heap returned)
     built = build_training_model(cfg, model_dir, data, accelerator)
     check_method(accelerator.strategy, built.method)
     model, optimizer, scheduler = prepare_training(

@@ -57,10 +57,9 @@ def release_free_heap() -> None:
 
 
 def reset_peak_rss() -> bool:
-    """Start this process's peak-resident-memory count again from what is live now (Linux 4.0+
+    """Start this process's peak-resident-memory count again from what it holds now (Linux 4.0+
     /proc/self/clear_refs "5"), so that a run inside a long-lived process (a test session, a
     notebook) measures its own peak, not the process's. False where unsupported."""
-    release_free_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
