@@ -381,7 +381,8 @@ def test_train_refuses_a_run_over_memory_and_force_overrides(
 def test_a_run_in_a_long_lived_process_measures_its_own_peak(tiny_run_config, tmp_path):
     """The plan predicts from the memory the process holds when the run starts; the measured
     peak must start there too, not at the process's lifetime peak (CI's suite, the web page)."""
-    from tuneforge.train.calibrate import current_rss_bytes, peak_rss_bytes
+    from tuneforge.heap import peak_rss_bytes
+    from tuneforge.train.calibrate import current_rss_bytes
 
     spike = b"\x01" * (1500 << 20)  # touched pages: 1.5 GB more at this process's peak
     del spike

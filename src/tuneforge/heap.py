@@ -2,13 +2,19 @@
 
 glibc's heap keeps the holes that variable-length batches leave; tcmalloc reuses them, for a peak
 RSS about a fifth lower at the same speed (bench/notes.md). No torch import: the console command
-decides before anything heavy loads (cli/allocator.py); the web page's jobs use it too.
+decides before anything heavy loads (cli/allocator.py); the web page's jobs use it too. Also this
+process's heap as the plan and a run measure it: free pages handed back, the peak reset and read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import ctypes.util
+import gc
 import os
+import resource
+from pathlib import Path
 
 #: Commands run under tcmalloc: the ones whose heap churns batch after batch. Evaluation's
 #: activations of a few MB each fault in fresh pages on every op under glibc: the quickstart's
@@ -62,3 +68,34 @@ def training_heap(environ: dict[str, str] | None = None) -> str:
         return current
     env = dict(os.environ if environ is None else environ)
     return "tcmalloc" if preload_env(["train"], env, tcmalloc_library()) else "glibc"
+
+
+def release_free_heap() -> None:
+    """Collect garbage and hand glibc's free heap pages back to the system (malloc_trim), so the
+    resident memory is what is live; a no-op off glibc."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's peak-resident-memory count again from what it holds now (Linux 4.0+
+    /proc/self/clear_refs "5"), so that a run inside a long-lived process (a test session, a
+    notebook) measures its own peak, not the process's. False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since exec or the last reset_peak_rss (VmHWM;
+    getrusage's ru_maxrss where /proc cannot be read — it is never reset)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from tuneforge.export.evalset import EvalSet
+from tuneforge.heap import peak_rss_bytes
 
 KINDS = ("run", "hf", "nf4", "gguf")
 
@@ -191,10 +191,7 @@ def import_runtime(kind: str) -> None:
 def peak_rss_mb() -> float:
     """This process's peak resident memory since exec (VmHWM; ru_maxrss would include the
     parent's memory at fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / 2**20
 
 
 def load_backend(kind: str, path: str, args: argparse.Namespace) -> Any:

@@ -136,13 +136,8 @@ def estimate(
     `heap`: the malloc the training process runs on (default: this process's)."""
     import torch
 
-    from tuneforge.heap import heap_allocator
-    from tuneforge.train.calibrate import (
-        available_memory_bytes,
-        calibrate,
-        current_rss_bytes,
-        release_free_heap,
-    )
+    from tuneforge.heap import heap_allocator, release_free_heap
+    from tuneforge.train.calibrate import available_memory_bytes, calibrate, current_rss_bytes
 
     arch = architecture(cfg.model.name)
     spec = method_spec(cfg.method.model_dump(), arch)

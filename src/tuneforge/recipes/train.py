@@ -20,6 +20,7 @@ from tuneforge.config import RunConfig
 from tuneforge.data.packing import pack_examples
 from tuneforge.data.pipeline import PreparedData, collate
 from tuneforge.evaluation.evaluator import Evaluator
+from tuneforge.heap import peak_rss_bytes, reset_peak_rss
 from tuneforge.methods import Method
 from tuneforge.models import check_license, resolve_model_dir
 from tuneforge.paths import write_dir_atomic, writing
@@ -41,7 +42,6 @@ from tuneforge.recipes.parts import (
 )
 from tuneforge.recipes.plan import Plan, check_memory
 from tuneforge.reporting.sinks import open_sinks
-from tuneforge.train.calibrate import peak_rss_bytes, reset_peak_rss
 from tuneforge.train.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
 from tuneforge.train.collective import gathered
 from tuneforge.train.guards import StopSignals

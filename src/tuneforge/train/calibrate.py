@@ -7,13 +7,9 @@ these numbers is train/timing.py; only the shapes of the model reach here.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import time
 from dataclasses import asdict, fields
@@ -46,37 +42,6 @@ def current_rss_bytes() -> int:
     except (OSError, IndexError, ValueError):
         return 0
     return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def release_free_heap() -> None:
-    """Collect garbage and hand glibc's free heap pages back to the system (malloc_trim), so the
-    resident memory is what is live; a no-op off glibc."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def reset_peak_rss() -> bool:
-    """Start this process's peak-resident-memory count again from what it holds now (Linux 4.0+
-    /proc/self/clear_refs "5"), so that a run inside a long-lived process (a test session, a
-    notebook) measures its own peak, not the process's. False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory since exec or the last reset_peak_rss (VmHWM;
-    getrusage's ru_maxrss where /proc cannot be read — it is never reset)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, IndexError, ValueError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def available_memory_bytes(device: str = "cpu") -> int:
